@@ -1,0 +1,158 @@
+"""Command line: run (default), check-config, once, demo, --version.
+
+Exit codes: 0 success, 1 a runtime failure (a target failed in `once`), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError
+
+log = logging.getLogger("exporter")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Flags accepted both before and after the subcommand (SUPPRESS keeps the outer value)."""
+    d = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config.file", dest="config_file", metavar="FILE", default=d,
+                        help="YAML config file (env PGCACHE_CONFIG_FILE)")
+    parser.add_argument("--postgres-dsn", dest="postgres_dsn", action="append", metavar="[NAME=]DSN",
+                        default=d, help="PostgreSQL target; repeatable; overrides the file (env PGCACHE_POSTGRES_DSN)")
+    parser.add_argument("--redis-url", dest="redis_url", action="append", metavar="[NAME=]URL",
+                        default=d, help="Redis target; repeatable; overrides the file (env PGCACHE_REDIS_URL)")
+    parser.add_argument("--web.listen-address", dest="listen_address", metavar="ADDR", default=d,
+                        help="host:port to serve on (default :19187)")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", default=d,
+                        help="TLS and basic auth config (exporter-toolkit format)")
+    parser.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warning", "error"],
+                        default=d)
+    parser.add_argument("--log.format", dest="log_format", choices=["text", "json"], default=d)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgcache-exporter",
+        description="Prometheus exporter for PostgreSQL and its Redis query-result cache.",
+    )
+    p.add_argument("--version", action="version", version=f"pgcache-exporter {__version__}")
+    _common(p, suppress=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser("run", help="run the exporter (the default)")
+    _common(r, suppress=True)
+    c = sub.add_parser("check-config", help="validate a config file and exit (2 if invalid)")
+    c.add_argument("file", metavar="FILE")
+    o = sub.add_parser("once", help="collect every enabled collector once, print the exposition, exit")
+    _common(o, suppress=True)
+    o.add_argument("--format", choices=["text", "openmetrics"], default="text")
+    d = sub.add_parser("demo", help="run against throwaway PostgreSQL and Redis servers")
+    _common(d, suppress=True)
+    return p
+
+
+def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
+    """A function that builds the effective config again (used at start and on SIGHUP)."""
+    path = args.config_file or os.environ.get("PGCACHE_CONFIG_FILE") or None
+
+    def load() -> Config:
+        return load_config(
+            path,
+            postgres_dsns=args.postgres_dsn or (),
+            redis_urls=args.redis_url or (),
+            listen_address=args.listen_address,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            web_config_file=args.web_config_file,
+        )
+
+    return load
+
+
+def _fail_config(e: ConfigError) -> int:
+    print(f"pgcache-exporter: configuration error:\n{e}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .daemon import check_supported
+
+    try:
+        config = load_config(args.file)
+        check_supported(config)
+    except ConfigError as e:
+        return _fail_config(e)
+    print(f"{args.file}: OK ({len(config.postgres)} PostgreSQL and {len(config.redis)} Redis target(s))")
+    return EXIT_OK
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    from .daemon import collect_once
+    from .logs import setup_logging
+    from .snapshot import Snapshot
+
+    try:
+        config = config_loader(args)()
+    except ConfigError as e:
+        return _fail_config(e)
+    setup_logging(config.log.level, config.log.format)
+    snapshot = Snapshot()
+    try:
+        ok = asyncio.run(collect_once(config, snapshot))
+    except ConfigError as e:
+        return _fail_config(e)
+    out = snapshot.openmetrics() if args.format == "openmetrics" else snapshot.text()
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    if not ok:
+        for st in snapshot.status.values():
+            if not st.success:
+                print(f"pgcache-exporter: {st.last_error}", file=sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .logs import setup_logging
+
+    load = config_loader(args)
+
+    async def main() -> None:
+        daemon = Daemon(load)
+        await daemon.serve()
+
+    try:
+        config = load()
+        setup_logging(config.log.level, config.log.format)
+        asyncio.run(main())
+    except ConfigError as e:
+        return _fail_config(e)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    return run_demo(args, config_loader)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    handlers = {"run": cmd_run, "check-config": cmd_check_config, "once": cmd_once, "demo": cmd_demo}
+    try:
+        return handlers[command](args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Wiring: config -> targets and collectors -> scheduler jobs -> snapshot -> HTTP; signals and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .collector import Collector
+from .config import Config, split_listen_address
+from .errors import ConfigError
+from .logs import redactor, setup_logging
+from .postgres.activity import ActivityCollector
+from .postgres.collector import PostgresCollector
+from .postgres.engine import PostgresTarget
+from .scheduler import Job, Scheduler, run_job
+from .snapshot import Snapshot
+from .web import make_app
+
+__all__ = ["POSTGRES_COLLECTORS", "Daemon", "build_jobs"]
+
+log = logging.getLogger(__name__)
+
+# Collector name (the key under `collectors:` in the config) -> class, for PostgreSQL targets.
+POSTGRES_COLLECTORS: dict[str, type[PostgresCollector]] = {
+    "activity": ActivityCollector,
+}
+
+
+def build_jobs(config: Config) -> tuple[list[PostgresTarget], list[Job]]:
+    """The runtime targets and one job per (target, enabled collector)."""
+    targets: list[PostgresTarget] = []
+    jobs: list[Job] = []
+    for pg_cfg in config.postgres:
+        target = PostgresTarget(pg_cfg)
+        targets.append(target)
+        for name, cls in POSTGRES_COLLECTORS.items():
+            settings = getattr(config.collectors, name)
+            if settings.enabled:
+                collector: Collector = cls(target, settings)
+                jobs.append(Job(collector, settings.interval, settings.timeout))
+    return targets, jobs
+
+
+def target_kinds(config: Config) -> list[tuple[str, str]]:
+    return [(t.name, "postgres") for t in config.postgres] + [(t.name, "redis") for t in config.redis]
+
+
+def check_supported(config: Config) -> None:
+    """What the schema accepts but this version cannot do yet."""
+    if config.web.config_file is not None:
+        raise ConfigError(
+            "web.config_file: TLS and basic auth are not supported by this version yet; "
+            "remove the key (or put the exporter behind a TLS-terminating proxy)"
+        )
+
+
+def require_targets(config: Config) -> None:
+    if not config.postgres and not config.redis:
+        raise ConfigError(
+            "no targets configured: give --postgres-dsn (or PGCACHE_POSTGRES_DSN, or a `postgres:` "
+            "list in --config.file); or run `pgcache-exporter demo` to try it on throwaway servers"
+        )
+
+
+class Daemon:
+    """The running exporter. `load` builds the effective config (file + flags); SIGHUP calls it again."""
+
+    def __init__(self, load: Callable[[], Config]) -> None:
+        self._load = load
+        self.config = load()
+        require_targets(self.config)
+        check_supported(self.config)
+        self.snapshot = Snapshot()
+        self.scheduler = Scheduler(self.snapshot)
+        self._targets: list[PostgresTarget] = []
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self.bound: tuple[str, int] | None = None
+
+    async def _apply(self, config: Config) -> None:
+        redactor.add_secrets(config.secrets())
+        targets, jobs = build_jobs(config)
+        self.snapshot.configure(
+            [(j.collector.target, j.collector.name, j.interval) for j in jobs],
+            [name for name, _ in target_kinds(config)],
+        )
+        self._targets = targets
+        self.config = config
+        self.scheduler.start(jobs)
+        log.info(
+            "collecting from %d target(s) with %d job(s)", len(target_kinds(config)), len(jobs)
+        )
+
+    async def start(self) -> None:
+        await self._apply(self.config)
+        app = make_app(self.snapshot, lambda: target_kinds(self.config))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, port = split_listen_address(self.config.web.listen_address)
+        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.stop()
+            raise ConfigError(
+                f"web.listen_address: cannot listen on {self.config.web.listen_address}: {e.strerror}"
+            ) from None
+        sockets = [s for s in (self._runner.addresses or [])]
+        if sockets:
+            self.bound = (str(sockets[0][0]), int(sockets[0][1]))
+        log.info("listening on %s", self.config.web.listen_address)
+
+    async def reload(self) -> bool:
+        """Apply a new config without a restart; an invalid one is logged and the old one kept."""
+        async with self._reload_lock:
+            try:
+                new = self._load()
+                require_targets(new)
+                check_supported(new)
+            except ConfigError as e:
+                log.error("reload rejected, keeping the running config: %s", e)
+                return False
+            if new.web != self.config.web:
+                log.warning("web.* settings changed: they take effect at the next restart")
+                new = new.model_copy(update={"web": self.config.web})
+            setup_logging(new.log.level, new.log.format)
+            await self.scheduler.stop()
+            old_targets = self._targets
+            await self._apply(new)
+            for t in old_targets:
+                await t.dispose()
+            log.info("configuration reloaded")
+            return True
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+        for t in self._targets:
+            await t.dispose()
+        self._targets = []
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def serve(self) -> None:
+        """Start, run until SIGTERM/SIGINT, stop cleanly. SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        try:
+            await self._stopping.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            log.info("stopping")
+            await self.stop()
+
+
+async def collect_once(config: Config, snapshot: Snapshot) -> bool:
+    """Run every enabled collector once, concurrently; True if all succeeded."""
+    require_targets(config)
+    check_supported(config)
+    redactor.add_secrets(config.secrets())
+    targets, jobs = build_jobs(config)
+    snapshot.configure(
+        [(j.collector.target, j.collector.name, j.interval) for j in jobs],
+        [name for name, _ in target_kinds(config)],
+    )
+    try:
+        results = await asyncio.gather(*(run_job(j, snapshot) for j in jobs))
+    finally:
+        for j in jobs:
+            await j.collector.close()
+        for t in targets:
+            await t.dispose()
+    return all(results)

@@ -1,0 +1,67 @@
+"""The shape every PostgreSQL collector shares: a session under the collector's timeout, once
+for the whole cluster or once per watched database, with per-database failures kept apart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from typing import ClassVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..collector import Collector, CollectResult, merge_families
+from ..config import CollectorSettings
+from ..errors import CollectError, ConnectError
+from .engine import PostgresTarget
+
+__all__ = ["PostgresCollector"]
+
+log = logging.getLogger(__name__)
+
+# Databases visited at once by a per-database collector (bounded: the pools are small).
+DATABASE_CONCURRENCY = 2
+
+
+class PostgresCollector(Collector):
+    """Subclasses set `name`, optionally `per_database = True`, and implement `collect_one`."""
+
+    per_database: ClassVar[bool] = False
+
+    def __init__(self, target: PostgresTarget, settings: CollectorSettings) -> None:
+        super().__init__(target.name)
+        self.pg = target
+        self.settings = settings
+
+    @abstractmethod
+    async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
+        """Query one database (datname None: the cluster-wide view) and build its families."""
+
+    async def collect(self) -> CollectResult:
+        timeout = self.settings.timeout
+        if not self.per_database:
+            async with self.pg.session(statement_timeout=timeout) as conn:
+                return await self.collect_one(conn, None)
+
+        databases = await self.pg.databases(timeout)
+        await self.pg.forget(set(databases))
+        sem = asyncio.Semaphore(DATABASE_CONCURRENCY)
+
+        async def one(db: str) -> CollectResult | CollectError:
+            async with sem:
+                try:
+                    async with self.pg.session(db, statement_timeout=timeout) as conn:
+                        return await self.collect_one(conn, db)
+                except CollectError as e:
+                    return e
+
+        outcomes = await asyncio.gather(*(one(db) for db in databases))
+        results = [o for o in outcomes if isinstance(o, CollectResult)]
+        failures = [str(o) for o in outcomes if isinstance(o, CollectError)]
+        if databases and not results and all(isinstance(o, ConnectError) for o in outcomes):
+            raise ConnectError(failures[0])
+        return CollectResult(
+            families=merge_families(r.families for r in results),
+            dropped=sum(r.dropped for r in results),
+            partial_errors=failures + [e for r in results for e in r.partial_errors],
+        )

@@ -1,0 +1,91 @@
+"""HTTP: /metrics (ready bytes), / (landing page with every collector's state), /healthz, /ready."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from . import __version__
+from .snapshot import Snapshot
+
+__all__ = ["make_app"]
+
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+SNAPSHOT_KEY = web.AppKey("snapshot", Snapshot)
+TargetsFn = Callable[[], list[tuple[str, str]]]
+TARGETS_KEY: web.AppKey[TargetsFn] = web.AppKey("targets")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    snap = request.app[SNAPSHOT_KEY]
+    if "application/openmetrics-text" in request.headers.get("Accept", ""):
+        return web.Response(body=snap.openmetrics(), headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
+    headers = {"Content-Type": TEXT_CONTENT_TYPE}
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=snap.text_gzip(), headers=headers)
+    return web.Response(body=snap.text(), headers=headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    if request.app[SNAPSHOT_KEY].ready:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="not ready: the first collection round has not finished\n")
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "never" if ts is None else f"{now - ts:.1f}s ago"
+
+
+async def landing(request: web.Request) -> web.Response:
+    snap = request.app[SNAPSHOT_KEY]
+    now = time.time()
+    e = html.escape
+    rows = []
+    for st in sorted(snap.status.values(), key=lambda s: (s.target, s.collector)):
+        state = "pending" if st.runs == 0 else ("ok" if st.success else "failing")
+        duration = "" if st.duration is None else f"{st.duration * 1000:.0f} ms"
+        rows.append(
+            f"<tr class={state}><td>{e(st.target)}</td><td>{e(st.collector)}</td><td>{state}</td>"
+            f"<td>{e(_ago(st.last_run, now))}</td><td>{duration}</td>"
+            f"<td>{e(_ago(st.last_success, now))}</td><td>{st.runs}</td><td>{st.errors_total}</td>"
+            f"<td>{e(st.last_error or '')}</td></tr>"
+        )
+    targets = "".join(
+        f"<tr><td>{e(name)}</td><td>{e(kind)}</td>"
+        f"<td>{'up' if snap.up.get(name) else 'down'}</td></tr>"
+        for name, kind in request.app[TARGETS_KEY]()
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>pgcache-exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}
+tr.failing{{background:#fdd}}tr.pending{{background:#eee}}</style></head>
+<body><h1>pgcache-exporter {e(__version__)}</h1>
+<p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> · <a href="/ready">Ready</a>
+ ({"ready" if snap.ready else "not ready"})</p>
+<h2>Targets</h2><table><tr><th>target</th><th>kind</th><th>state</th></tr>{targets}</table>
+<h2>Collectors</h2><table><tr><th>target</th><th>collector</th><th>status</th><th>last run</th>
+<th>duration</th><th>last success</th><th>runs</th><th>errors</th><th>last error</th></tr>
+{"".join(rows)}</table></body></html>
+"""
+    return web.Response(text=page, content_type="text/html")
+
+
+def make_app(snapshot: Snapshot, targets: Callable[[], list[tuple[str, str]]]) -> web.Application:
+    app = web.Application()
+    app[SNAPSHOT_KEY] = snapshot
+    app[TARGETS_KEY] = targets
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/", landing)
+    return app
