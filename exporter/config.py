@@ -127,7 +127,7 @@ class WebConfig(_Model):
 def split_listen_address(address: str) -> tuple[str, int]:
     """':19187' -> ('0.0.0.0', 19187); '[::1]:9' -> ('::1', 9)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise PydanticCustomError(
             "address", f"{_show(address)} is not a listen address (write host:port, e.g. :19187)"
         )

@@ -99,10 +99,10 @@ class Daemon:
     async def start(self) -> None:
         await self._apply(self.config)
         app = make_app(self.snapshot, lambda: target_kinds(self.config))
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         host, port = split_listen_address(self.config.web.listen_address)
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host, port)
         try:
             await site.start()
         except OSError as e:

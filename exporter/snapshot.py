@@ -158,7 +158,8 @@ class Snapshot:
                 st.interval = interval
                 status[key] = st
             self.status = status
-            self.up = {t: self.up.get(t, False) for t in targets}
+            # pgcache_up appears after a target's first run: unknown is not "down".
+            self.up = {t: ok for t, ok in self.up.items() if t in set(targets)}
             self._version += 1
 
     # -- results -------------------------------------------------------------------------------

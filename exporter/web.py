@@ -62,7 +62,7 @@ async def landing(request: web.Request) -> web.Response:
         )
     targets = "".join(
         f"<tr><td>{e(name)}</td><td>{e(kind)}</td>"
-        f"<td>{'up' if snap.up.get(name) else 'down'}</td></tr>"
+        f"<td>{ {True: 'up', False: 'down', None: 'pending'}[snap.up.get(name)] }</td></tr>"
         for name, kind in request.app[TARGETS_KEY]()
     )
     page = f"""<!doctype html>

@@ -55,3 +55,10 @@ def promtool_check_metrics(promtool: str, exposition: bytes) -> None:
     r = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True)
     # promtool exits 1 on lint problems as well as on parse errors; both are failures for us.
     assert r.returncode == 0, (r.stdout + r.stderr).decode()
+
+
+# Test helper modules (daemon_harness, metrics_text) live beside the tests.
+import sys as _sys  # noqa: E402
+
+_sys.path.insert(0, str(Path(__file__).resolve().parent))
+_sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))

@@ -1,0 +1,182 @@
+"""Config validation: every rejection names the key path; env, secret files and flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.config import ConfigError, build_config, load_config, parse_duration, parse_size
+from exporter.errors import ConfigError as ErrorsConfigError
+
+DSN = "postgresql://exporter:s3cr3t-pw@db.example:5432/app"
+
+
+def reject(raw: dict, *fragments: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        build_config(raw)
+    msg = str(e.value)
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+def test_config_error_is_the_documented_one():
+    assert ConfigError is ErrorsConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("15s", 15), ("5m", 300), ("7d", 604800), ("1m30s", 90), (10, 10.0), ("1.5h", 5400)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("text", "size"), [("512kB", 512_000), ("10MB", 10_000_000), ("1GiB", 2**30), (42, 42)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_bad_duration_names_key_and_value():
+    msg = reject({"collectors": {"statements": {"interval": "fast"}}})
+    assert msg == 'collectors.statements.interval: "fast" is not a duration (write e.g. 500ms, 15s, 5m, 7d)'
+
+
+def test_bad_size():
+    reject({"collectors": {"indexes": {"unused_min_size": "huge"}}},
+           'collectors.indexes.unused_min_size: "huge" is not a size')
+
+
+def test_unknown_key_top_level_and_nested():
+    reject({"colectors": {}}, "colectors: unknown key")
+    reject({"collectors": {"activity": {"intervall": "5s"}}}, "collectors.activity.intervall: unknown key")
+    reject({"postgres": [{"name": "a", "dsn": DSN, "dbs": []}]}, "postgres[0].dbs: unknown key")
+
+
+def test_wrong_types():
+    reject({"collectors": {"statements": {"limit": "many"}}}, "collectors.statements.limit:")
+    reject({"postgres": {"name": "a"}}, "postgres:")
+    reject({"log": {"format": "xml"}}, "log.format: must be one of 'text' or 'json'")
+
+
+def test_duplicate_target_names_across_sections():
+    reject(
+        {"postgres": [{"name": "main", "dsn": DSN}], "redis": [{"name": "main", "url": "redis://r:6379/0"}]},
+        "redis[0].name: target name 'main' is used twice",
+    )
+    reject({"postgres": [{"name": "a", "dsn": DSN}, {"name": "a", "dsn": DSN}]}, "postgres[1].name")
+
+
+def test_missing_dsn():
+    reject({"postgres": [{"name": "a"}]}, "postgres[0]: dsn (or dsn_file) is required")
+
+
+def test_bad_dsn_is_not_echoed():
+    msg = reject({"postgres": [{"name": "a", "dsn": "mysql://root:hunter22@h/db"}]}, "postgres[0].dsn: not a PostgreSQL URL")
+    assert "hunter22" not in msg
+
+
+def test_timeout_longer_than_interval():
+    reject({"collectors": {"tables": {"interval": "10s", "timeout": "20s"}}},
+           "collectors.tables: timeout must be more than 0 and at most the interval")
+
+
+def test_bad_regex_and_listen_address():
+    reject({"postgres": [{"name": "a", "dsn": DSN, "databases": {"include": ["("]}}]},
+           "postgres[0].databases.include[0]:", "not a valid regular expression")
+    reject({"web": {"listen_address": "localhost"}}, "web.listen_address:", "not a listen address")
+
+
+def test_defaults_match_design():
+    c = build_config({})
+    assert c.web.listen_address == ":19187"
+    assert (c.collectors.activity.interval, c.collectors.activity.timeout) == (15, 5)
+    assert (c.collectors.statements.limit, c.collectors.statements.query_text_length) == (200, 200)
+    assert c.collectors.indexes.unused_min_stats_age == 7 * 86400
+    assert c.collectors.indexes.unused_min_size == 1_000_000
+    assert c.collectors.tables.limit == 1000
+
+
+def test_models_are_frozen():
+    c = build_config({})
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError on frozen models
+        c.web.listen_address = ":1"  # type: ignore[misc]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_env_expansion(tmp_path):
+    p = write(tmp_path, "postgres:\n  - name: main\n    dsn: ${PG_DSN}\nweb:\n  listen_address: ${ADDR:-127.0.0.1:9999}\n")
+    c = load_config(p, env={"PG_DSN": DSN})
+    assert c.postgres[0].resolved_dsn() == DSN
+    assert c.web.listen_address == "127.0.0.1:9999"
+
+
+def test_env_variable_missing_names_key_and_variable(tmp_path):
+    p = write(tmp_path, "postgres:\n  - name: main\n    dsn: ${NOPE_DSN}\n")
+    with pytest.raises(ConfigError, match=r"postgres\[0\]\.dsn: environment variable NOPE_DSN is not set"):
+        load_config(p, env={})
+
+
+def test_secret_files(tmp_path):
+    (tmp_path / "pg-dsn").write_text(DSN + "\n")
+    (tmp_path / "redis-url").write_text("redis://:pw-redis@r:6379/0")
+    p = write(tmp_path, "postgres:\n  - {name: main, dsn_file: pg-dsn}\nredis:\n  - {name: cache, url_file: " + str(tmp_path / "redis-url") + "}\n")
+    c = load_config(p, env={})
+    assert c.postgres[0].resolved_dsn() == DSN
+    assert c.redis[0].resolved_url() == "redis://:pw-redis@r:6379/0"
+    assert "s3cr3t-pw" in c.secrets() and "pw-redis" in c.secrets()
+    assert "s3cr3t-pw" not in repr(c)  # SecretStr: never in a repr or a traceback
+
+
+def test_secret_file_missing_and_both_given(tmp_path):
+    p = write(tmp_path, "postgres:\n  - {name: main, dsn_file: /nonexistent/dsn}\n")
+    with pytest.raises(ConfigError, match=r"postgres\[0\]\.dsn_file: cannot read /nonexistent/dsn"):
+        load_config(p, env={})
+    (tmp_path / "dsn").write_text(DSN)
+    p = write(tmp_path, f"postgres:\n  - {{name: main, dsn: '{DSN}', dsn_file: dsn}}\n")
+    with pytest.raises(ConfigError, match=r"exactly one of dsn or dsn_file"):
+        load_config(p, env={})
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "postgres: [\n"), env={})
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"), env={})
+
+
+def test_flags_override_file(tmp_path):
+    p = write(tmp_path, f"postgres:\n  - {{name: filetarget, dsn: '{DSN}'}}\nweb: {{listen_address: ':1234'}}\nlog: {{level: info}}\n")
+    c = load_config(
+        p,
+        postgres_dsns=["flagged=postgresql://u@other:5433/x"],
+        listen_address="127.0.0.1:5555",
+        log_level="debug",
+        env={},
+    )
+    assert [t.name for t in c.postgres] == ["flagged"]
+    assert c.web.listen_address == "127.0.0.1:5555"
+    assert c.log.level == "debug"
+
+
+def test_no_file_form_from_flags_and_env():
+    c = load_config(postgres_dsns=[DSN], redis_urls=["redis://localhost:6379/0"], env={})
+    assert c.postgres[0].name == "db.example:5432/app"  # named after host, port and database
+    assert c.redis[0].name == "localhost:6379"
+    c = load_config(env={"PGCACHE_POSTGRES_DSN": DSN, "PGCACHE_REDIS_URL": "redis://r:1/0"})
+    assert c.postgres[0].resolved_dsn() == DSN and c.redis[0].resolved_url() == "redis://r:1/0"
+    # A file's targets win over the environment; a flag wins over both.
+    c = load_config(postgres_dsns=["postgresql://a@b/c"], env={"PGCACHE_POSTGRES_DSN": DSN})
+    assert c.postgres[0].resolved_dsn() == "postgresql://a@b/c"
+
+
+def test_example_config_is_valid():
+    example = Path(__file__).resolve().parents[2] / "config.example.yaml"
+    c = load_config(example, env={"PGCACHE_POSTGRES_DSN": DSN, "PGCACHE_REDIS_URL": "redis://r:6379/0"})
+    assert c.postgres and c.redis
