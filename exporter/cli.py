@@ -34,6 +34,10 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
                         help="host:port to serve on (default :19187)")
     parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", default=d,
                         help="TLS and basic auth config (exporter-toolkit format)")
+    parser.add_argument("--shard.index", dest="shard_index", metavar="N|POD-NAME", default=d,
+                        help="this replica's shard (env PGCACHE_SHARD_INDEX; a pod name ending in -N works)")
+    parser.add_argument("--shard.total", dest="shard_total", metavar="N", default=d,
+                        help="number of replicas sharing the targets (env PGCACHE_SHARD_TOTAL)")
     parser.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warning", "error"],
                         default=d)
     parser.add_argument("--log.format", dest="log_format", choices=["text", "json"], default=d)
@@ -72,6 +76,8 @@ def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
             log_level=args.log_level,
             log_format=args.log_format,
             web_config_file=args.web_config_file,
+            shard_index=args.shard_index,
+            shard_total=args.shard_total,
         )
 
     return load

@@ -6,6 +6,7 @@ path (``collectors.statements.interval: "fast" is not a duration``) and never ec
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -291,12 +292,53 @@ class CollectorsConfig(_Model):
     cache: CacheSettings = CacheSettings()
 
 
+def _shard_index(value: object) -> int:
+    """An int, or a StatefulSet pod name such as "pgcache-exporter-2" (its ordinal is taken)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"(?:.*-)?(\d+)", value.strip())
+        if m:
+            return int(m.group(1))
+    raise PydanticCustomError(
+        "shard", f"{_show(value)} is not a shard index (a number, or a pod name ending in -N)"
+    )
+
+
+class ShardConfig(_Model):
+    """Split the targets across replicas: this replica collects only the targets that
+    rendezvous hashing assigns to `index` of `total` (every target goes to exactly one)."""
+
+    index: Annotated[int, BeforeValidator(_shard_index)] = 0
+    total: int = Field(default=1, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> ShardConfig:
+        if not 0 <= self.index < self.total:
+            raise PydanticCustomError("shard", f"index {self.index} is not in 0..{self.total - 1}")
+        return self
+
+    def owns(self, target_name: str) -> bool:
+        if self.total == 1:
+            return True
+        return shard_of(target_name, self.total) == self.index
+
+
+def shard_of(target_name: str, total: int) -> int:
+    """Rendezvous hashing: adding a replica moves only the targets the new one wins."""
+    def weight(i: int) -> bytes:
+        return hashlib.sha256(f"{i}/{target_name}".encode()).digest()
+
+    return max(range(total), key=weight)
+
+
 class Config(_Model):
     web: WebConfig = WebConfig()
     log: LogConfig = LogConfig()
     postgres: tuple[PostgresTargetConfig, ...] = ()
     redis: tuple[RedisTargetConfig, ...] = ()
     collectors: CollectorsConfig = CollectorsConfig()
+    shard: ShardConfig = ShardConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -422,6 +464,8 @@ def load_config(
     log_level: str | None = None,
     log_format: str | None = None,
     web_config_file: str | None = None,
+    shard_index: str | None = None,
+    shard_total: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Config:
     """The effective config: file (if any), then flags on top; the environment fills the no-file form.
@@ -465,6 +509,8 @@ def load_config(
         ("web", "config_file", web_config_file),
         ("log", "level", log_level),
         ("log", "format", log_format),
+        ("shard", "index", shard_index or env.get("PGCACHE_SHARD_INDEX")),
+        ("shard", "total", shard_total or env.get("PGCACHE_SHARD_TOTAL")),
     ):
         if value is not None:
             sect = raw.get(section)

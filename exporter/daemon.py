@@ -35,6 +35,8 @@ def build_jobs(config: Config) -> tuple[list[PostgresTarget], list[Job]]:
     targets: list[PostgresTarget] = []
     jobs: list[Job] = []
     for pg_cfg in config.postgres:
+        if not config.shard.owns(pg_cfg.name):
+            continue
         target = PostgresTarget(pg_cfg)
         targets.append(target)
         for name, cls in POSTGRES_COLLECTORS.items():
@@ -46,7 +48,9 @@ def build_jobs(config: Config) -> tuple[list[PostgresTarget], list[Job]]:
 
 
 def target_kinds(config: Config) -> list[tuple[str, str]]:
-    return [(t.name, "postgres") for t in config.postgres] + [(t.name, "redis") for t in config.redis]
+    """The targets this replica collects (all of them unless shard.total > 1)."""
+    kinds = [(t.name, "postgres") for t in config.postgres] + [(t.name, "redis") for t in config.redis]
+    return [(name, kind) for name, kind in kinds if config.shard.owns(name)]
 
 
 def check_supported(config: Config) -> None:

@@ -180,3 +180,26 @@ def test_example_config_is_valid():
     example = Path(__file__).resolve().parents[2] / "config.example.yaml"
     c = load_config(example, env={"PGCACHE_POSTGRES_DSN": DSN, "PGCACHE_REDIS_URL": "redis://r:6379/0"})
     assert c.postgres and c.redis
+
+
+def test_shards_split_targets_exactly_once():
+    from exporter.daemon import target_kinds
+
+    targets = [{"name": f"pg{i}", "dsn": f"postgresql://u@h{i}/db"} for i in range(6)]
+    owners: dict[str, list[int]] = {}
+    for index in range(3):
+        c = build_config({"postgres": targets, "shard": {"index": index, "total": 3}})
+        for name, _ in target_kinds(c):
+            owners.setdefault(name, []).append(index)
+    assert sorted(owners) == [f"pg{i}" for i in range(6)]
+    assert all(len(v) == 1 for v in owners.values()), owners
+    assert len({v[0] for v in owners.values()}) > 1  # not all on one replica
+
+
+def test_shard_index_from_pod_name_flag_and_env():
+    c = load_config(postgres_dsns=[DSN], shard_index="pgcache-exporter-2", shard_total="3", env={})
+    assert (c.shard.index, c.shard.total) == (2, 3)
+    c = load_config(postgres_dsns=[DSN], env={"PGCACHE_SHARD_INDEX": "1", "PGCACHE_SHARD_TOTAL": "2"})
+    assert (c.shard.index, c.shard.total) == (1, 2)
+    reject({"shard": {"index": 3, "total": 3}}, "shard: index 3 is not in 0..2")
+    reject({"shard": {"index": "web-x"}}, 'shard.index: "web-x" is not a shard index')
