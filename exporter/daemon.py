@@ -15,7 +15,11 @@ from .errors import ConfigError
 from .logs import redactor, setup_logging
 from .postgres.activity import ActivityCollector
 from .postgres.collector import PostgresCollector
+from .postgres.database import DatabaseCollector
 from .postgres.engine import PostgresTarget
+from .postgres.indexes import IndexesCollector
+from .postgres.statements import StatementsCollector
+from .postgres.tables import TablesCollector
 from .scheduler import Job, Scheduler, run_job
 from .snapshot import Snapshot
 from .web import make_app
@@ -27,6 +31,10 @@ log = logging.getLogger(__name__)
 # Collector name (the key under `collectors:` in the config) -> class, for PostgreSQL targets.
 POSTGRES_COLLECTORS: dict[str, type[PostgresCollector]] = {
     "activity": ActivityCollector,
+    "statements": StatementsCollector,
+    "indexes": IndexesCollector,
+    "tables": TablesCollector,
+    "database": DatabaseCollector,
 }
 
 
