@@ -89,11 +89,12 @@ def _fail_config(e: ConfigError) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .daemon import check_supported
+    from .webconfig import load_web_config
 
     try:
         config = load_config(args.file)
-        check_supported(config)
+        if config.web.config_file is not None:
+            load_web_config(config.web.config_file)
     except ConfigError as e:
         return _fail_config(e)
     print(f"{args.file}: OK ({len(config.postgres)} PostgreSQL and {len(config.redis)} Redis target(s))")

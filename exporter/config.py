@@ -494,6 +494,10 @@ def load_config(
             raise ConfigError(f"{p}: the top level must be a mapping of keys (web, postgres, ...)")
         raw = _expand(loaded, env, "")
         _read_secret_files(raw, base)
+        web_cfg = raw.get("web")
+        if isinstance(web_cfg, dict) and isinstance(web_cfg.get("config_file"), str):
+            # Relative to the config file, like dsn_file (a --web.config.file flag is relative to cwd).
+            web_cfg["config_file"] = str(base / web_cfg["config_file"])
 
     if postgres_dsns:
         raw["postgres"] = [_target_from_flag(v, "dsn", i) for i, v in enumerate(postgres_dsns)]

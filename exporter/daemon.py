@@ -23,6 +23,7 @@ from .postgres.tables import TablesCollector
 from .scheduler import Job, Scheduler, run_job
 from .snapshot import Snapshot
 from .web import make_app
+from .webconfig import WebSecurity
 
 __all__ = ["POSTGRES_COLLECTORS", "Daemon", "build_jobs"]
 
@@ -61,15 +62,6 @@ def target_kinds(config: Config) -> list[tuple[str, str]]:
     return [(name, kind) for name, kind in kinds if config.shard.owns(name)]
 
 
-def check_supported(config: Config) -> None:
-    """What the schema accepts but this version cannot do yet."""
-    if config.web.config_file is not None:
-        raise ConfigError(
-            "web.config_file: TLS and basic auth are not supported by this version yet; "
-            "remove the key (or put the exporter behind a TLS-terminating proxy)"
-        )
-
-
 def require_targets(config: Config) -> None:
     if not config.postgres and not config.redis:
         raise ConfigError(
@@ -85,7 +77,8 @@ class Daemon:
         self._load = load
         self.config = load()
         require_targets(self.config)
-        check_supported(self.config)
+        self.security = WebSecurity(self.config.web.config_file)
+        self.security.load()
         self.snapshot = Snapshot()
         self.scheduler = Scheduler(self.snapshot)
         self._targets: list[PostgresTarget] = []
@@ -110,11 +103,13 @@ class Daemon:
 
     async def start(self) -> None:
         await self._apply(self.config)
-        app = make_app(self.snapshot, lambda: target_kinds(self.config))
+        app = make_app(
+            self.snapshot, lambda: target_kinds(self.config), [self.security.middleware]
+        )
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         host, port = split_listen_address(self.config.web.listen_address)
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.security.ssl_context)
         try:
             await site.start()
         except OSError as e:
@@ -133,7 +128,7 @@ class Daemon:
             try:
                 new = self._load()
                 require_targets(new)
-                check_supported(new)
+                self.security.reload(new.web.config_file)
             except ConfigError as e:
                 log.error("reload rejected, keeping the running config: %s", e)
                 return False
@@ -180,7 +175,6 @@ class Daemon:
 async def collect_once(config: Config, snapshot: Snapshot) -> bool:
     """Run every enabled collector once, concurrently; True if all succeeded."""
     require_targets(config)
-    check_supported(config)
     redactor.add_secrets(config.secrets())
     targets, jobs = build_jobs(config)
     snapshot.configure(

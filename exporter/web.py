@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import __version__
 from .snapshot import Snapshot
@@ -80,8 +81,12 @@ tr.failing{{background:#fdd}}tr.pending{{background:#eee}}</style></head>
     return web.Response(text=page, content_type="text/html")
 
 
-def make_app(snapshot: Snapshot, targets: Callable[[], list[tuple[str, str]]]) -> web.Application:
-    app = web.Application()
+def make_app(
+    snapshot: Snapshot,
+    targets: Callable[[], list[tuple[str, str]]],
+    middlewares: Sequence[Middleware] = (),
+) -> web.Application:
+    app = web.Application(middlewares=list(middlewares))
     app[SNAPSHOT_KEY] = snapshot
     app[TARGETS_KEY] = targets
     app.router.add_get("/metrics", metrics)
