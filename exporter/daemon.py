@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .cache.collector import CacheCollector
 from .collector import Collector
 from .config import Config, split_listen_address
 from .errors import ConfigError
@@ -53,6 +54,11 @@ def build_jobs(config: Config) -> tuple[list[PostgresTarget], list[Job]]:
             if settings.enabled:
                 collector: Collector = cls(target, settings)
                 jobs.append(Job(collector, settings.interval, settings.timeout))
+    cache = config.collectors.cache
+    if cache.enabled:
+        for redis_cfg in config.redis:
+            if config.shard.owns(redis_cfg.name):
+                jobs.append(Job(CacheCollector(redis_cfg, cache), cache.interval, cache.timeout))
     return targets, jobs
 
 
