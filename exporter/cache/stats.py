@@ -138,15 +138,18 @@ class CacheStats:
                 self._ints[f"load_bucket|{label}|{ns}"] += 1
         self._ints[f"load_bucket|+Inf|{ns}"] += 1
 
-    def pending(self) -> dict[str, float]:
+    def pending(self) -> dict[str, int | float]:
         """Deltas not yet in Redis (unsent and in a failed batch), for tests and debugging."""
-        out: dict[str, float] = defaultdict(float)
+        out: dict[str, int | float] = {}
+        batches: list[tuple[dict[str, int], dict[str, float]]] = [(self._ints, self._floats)]
         if self._pending is not None:
-            for k, v in (*self._pending.ints.items(), *self._pending.floats.items()):
-                out[k] += v
-        for k, v in (*self._ints.items(), *self._floats.items()):
-            out[k] += v
-        return dict(out)
+            batches.append((self._pending.ints, self._pending.floats))
+        for ints, floats in batches:
+            for k, n in ints.items():
+                out[k] = out.get(k, 0) + n
+            for k, x in floats.items():
+                out[k] = out.get(k, 0.0) + x
+        return out
 
     # -- flushing ---------------------------------------------------------------------------
     async def flush(self, client: Any) -> None:
