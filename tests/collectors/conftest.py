@@ -7,8 +7,8 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
-from collector_harness import create_monitor_role
 
+from collectors.collector_harness import create_monitor_role
 from exporter.demo.servers import PostgresCluster, embedded_postgres_bin
 
 

@@ -7,10 +7,16 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from collector_harness import collect, drop_database, fresh_database, target_for, wait_until
 from metrics_text import samples, types, value
 from prometheus_client.parser import text_string_to_metric_families
 
+from collectors.collector_harness import (
+    collect,
+    drop_database,
+    fresh_database,
+    target_for,
+    wait_until,
+)
 from exporter.config import IndexesSettings, TablesSettings
 from exporter.demo.servers import PostgresCluster
 from exporter.postgres.indexes import IndexesCollector

@@ -4,10 +4,16 @@ types; the limit and its stable selection; hostile query text; a missing extensi
 from __future__ import annotations
 
 import pytest
-from collector_harness import collect, fresh_database, one, promtool_check_metrics, target_for
 from metrics_text import samples, types, value
 from prometheus_client.parser import text_string_to_metric_families
 
+from collectors.collector_harness import (
+    collect,
+    fresh_database,
+    one,
+    promtool_check_metrics,
+    target_for,
+)
 from exporter.config import StatementsSettings
 from exporter.demo.servers import PostgresCluster
 from exporter.errors import QueryError

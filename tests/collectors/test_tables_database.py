@@ -4,9 +4,15 @@ refusing databases), and a role with only pg_monitor running every collector."""
 from __future__ import annotations
 
 import pytest
-from collector_harness import collect, drop_database, fresh_database, target_for, wait_until
 from metrics_text import samples, types, value
 
+from collectors.collector_harness import (
+    collect,
+    drop_database,
+    fresh_database,
+    target_for,
+    wait_until,
+)
 from exporter.config import (
     DatabaseSettings,
     IndexesSettings,
