@@ -17,12 +17,12 @@ from ..config import ActivitySettings
 from .collector import PostgresCollector
 from .engine import APPLICATION_NAME, PostgresTarget
 
-__all__ = ["ActivityCollector", "activity_families", "activity_sql"]
+__all__ = ["AGES_SQL", "SETTINGS_SQL", "ActivityCollector", "activity_families", "activity_sql"]
 
 # Only these column names ever reach the SQL text (they come from a Literal-typed setting).
 LABEL_COLUMNS = ("datname", "usename", "application_name", "state", "wait_event_type")
 
-_AGES_SQL = """
+AGES_SQL = """
 SELECT coalesce(datname, '') AS datname, coalesce(state, '') AS state,
        max(extract(epoch FROM now() - xact_start))  AS oldest_xact,
        max(extract(epoch FROM now() - query_start)) FILTER (WHERE state <> 'idle') AS oldest_query
@@ -32,7 +32,7 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 GROUP BY 1, 2
 """
 
-_SETTINGS_SQL = """
+SETTINGS_SQL = """
 SELECT name, setting::int AS value FROM pg_settings
 WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')
 """
@@ -105,6 +105,6 @@ class ActivityCollector(PostgresCollector):
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
         params = {"app": APPLICATION_NAME}
         counts = (await conn.execute(self._sql, params)).mappings().all()
-        ages = (await conn.execute(text(_AGES_SQL), params)).mappings().all()
-        settings = {r.name: r.value for r in await conn.execute(text(_SETTINGS_SQL))}
+        ages = (await conn.execute(text(AGES_SQL), params)).mappings().all()
+        settings = {r.name: r.value for r in await conn.execute(text(SETTINGS_SQL))}
         return CollectResult(activity_families(self.target, self.labels, counts, ages, settings))

@@ -122,9 +122,11 @@ class PostgresTarget:
     # -- sessions -------------------------------------------------------------------------------
     @asynccontextmanager
     async def session(
-        self, datname: str | None = None, *, statement_timeout: float
+        self, datname: str | None = None, *, statement_timeout: float, read_write: bool = False
     ) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction under `statement_timeout` (seconds), rolled back at the end."""
+        """A read-only transaction under `statement_timeout` (seconds), rolled back at the end
+        unless the caller commits. `read_write` (only `explain --allow-writes`, whose caller always
+        rolls back) lifts the read-only default for this one transaction."""
         db = datname or self.default_database
         where = f"target {self.name}, database {db}"
         try:
@@ -135,6 +137,9 @@ class PostgresTarget:
                 raise ConnectError(f"{where}: cannot connect: {describe_error(e)}") from None
             raise
         try:
+            if read_write:
+                # Must be the transaction's first statement (any query fixes the mode).
+                await conn.execute(text("SET TRANSACTION READ WRITE"))
             await conn.execute(
                 text("SELECT set_config('statement_timeout', :t, true)"),
                 {"t": str(max(1, int(statement_timeout * 1000)))},
