@@ -397,7 +397,7 @@ class CachingService:
             except REDIS_ERRORS as e:
                 self._failed("", "invalidate", e)
                 continue
-            total += await self._unlink_counted([m.decode() for m in members], count_empty=False)
+            total += await self._unlink_counted([m.decode() for m in members])
             try:
                 # SREM, not UNLINK: a member added while we worked stays for the next invalidation.
                 for i in range(0, len(members), _BATCH):
@@ -423,13 +423,11 @@ class CachingService:
             return 0
         return await self._unlink_counted(keys, namespace=_ns)
 
-    async def _unlink_counted(
-        self, keys: list[str], *, namespace: str | None = None, count_empty: bool = True
-    ) -> int:
+    async def _unlink_counted(self, keys: list[str], *, namespace: str | None = None) -> int:
         by_ns: dict[str, list[str]] = {}
         for k in keys:
             by_ns.setdefault(namespace or namespace_of(self.prefix, k) or "", []).append(k)
-        if not by_ns and count_empty:
+        if not by_ns:  # nothing to remove: still an invalidation, of no namespace in particular
             self.stats.invalidation(namespace or "", 0)
         total = 0
         for ns, group in by_ns.items():

@@ -21,7 +21,7 @@ field's kind, so it may contain any character, ``|`` included, and still parse u
 
 hits, misses and stale_served are disjoint outcomes of a read that reached Redis; a read that
 failed is counted under errors|get instead. Operations not tied to one namespace (a flush, a
-pattern delete) use the empty namespace. All values are integers except load_seconds_sum.
+pattern delete, a tag invalidation that found no entry) use the empty namespace. All values are integers except load_seconds_sum.
 
 A flush applies every delta with HINCRBY / HINCRBYFLOAT in one server-side script, atomically, and
 records the batch's sequence number in the same step. A flush that fails keeps its batch and
