@@ -12,6 +12,7 @@ and texts are fetched only for exported statements whose queryid has not been se
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -162,12 +163,28 @@ def select_statements(
     return sorted(chosen, key=_rank_key)
 
 
+# pg_stat_statements does not normalize every utility statement: `CREATE ROLE x PASSWORD '...'`
+# and connection strings passed to dblink/postgres_fdw keep their literals. Scrub them before the
+# text becomes a label that anyone who can scrape /metrics reads.
+_PASSWORD_LITERAL = re.compile(
+    r"(?i)\b(PASSWORD\s+)(?:E'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$)", re.S
+)
+_CONNINFO_PASSWORD = re.compile(r"(?i)\b(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s']*:)[^@\s']+@")
+
+
+def scrub_secrets(query: str) -> str:
+    query = _PASSWORD_LITERAL.sub(r"\1'***'", query)
+    query = _CONNINFO_PASSWORD.sub(r"\1***", query)
+    return _URL_PASSWORD.sub(r"\1***@", query)
+
+
 def query_text_label(query: str | None, length: int) -> str | None:
-    """Whitespace runs (newlines included) collapsed to one space, cut to `length` characters.
-    None when there is no text to show (off, unknown, or hidden from us)."""
+    """Secrets scrubbed, whitespace runs (newlines included) collapsed to one space, cut to
+    `length` characters. None when there is no text to show (off, unknown, or hidden from us)."""
     if length <= 0 or query is None or query == INSUFFICIENT_PRIVILEGE:
         return None
-    return " ".join(query.split())[:length]
+    return " ".join(scrub_secrets(query).split())[:length]
 
 
 def statement_families(
