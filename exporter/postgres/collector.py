@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # Databases visited at once by a per-database collector (bounded: the pools are small).
 DATABASE_CONCURRENCY = 2
+STATEMENT_TIMEOUT_SHARE = 0.8
 
 
 class PostgresCollector(Collector):
@@ -38,7 +39,9 @@ class PostgresCollector(Collector):
         """Query one database (datname None: the cluster-wide view) and build its families."""
 
     async def collect(self) -> CollectResult:
-        timeout = self.settings.timeout
+        # The server cancels a slow statement a little before the job's own timeout fires, so the
+        # connection goes back to the pool cleanly instead of being cut mid-query.
+        timeout = self.settings.timeout * STATEMENT_TIMEOUT_SHARE
         if not self.per_database:
             async with self.pg.session(statement_timeout=timeout) as conn:
                 return await self.collect_one(conn, None)
