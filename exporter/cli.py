@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("once", help="collect every enabled collector once, print the exposition, exit")
     _common(o, suppress=True)
     o.add_argument("--format", choices=["text", "openmetrics"], default="text")
-    d = sub.add_parser("demo", help="run against throwaway PostgreSQL and Redis servers")
+    d = sub.add_parser("demo", help="run against throwaway PostgreSQL and Redis servers, with a workload")
     _common(d, suppress=True)
+    w = sub.add_parser("demo-workload", help="run the demo's blog workload against --postgres-dsn and --redis-url")
+    _common(w, suppress=True)
+    w.add_argument("--rate", type=float, default=20.0, help="operations per second (default 20)")
     return p
 
 
@@ -151,10 +154,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args, config_loader)
 
 
+def cmd_demo_workload(args: argparse.Namespace) -> int:
+    from .demo.run import run_workload_only
+
+    return run_workload_only(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "run"
-    handlers = {"run": cmd_run, "check-config": cmd_check_config, "once": cmd_once, "demo": cmd_demo}
+    handlers = {"run": cmd_run, "check-config": cmd_check_config, "once": cmd_once, "demo": cmd_demo,
+                "demo-workload": cmd_demo_workload}
     try:
         return handlers[command](args)
     except KeyboardInterrupt:

@@ -522,11 +522,19 @@ def load_config(
     return build_config(raw)
 
 
-def _target_from_flag(value: str, key: str, index: int) -> dict[str, Any]:
-    """`NAME=URL` or a bare URL; a bare URL is named after its host and port (never its password)."""
+def split_target_flag(value: str) -> tuple[str | None, str]:
+    """`NAME=URL` -> (NAME, URL); a bare URL -> (None, URL)."""
     name, sep, rest = value.partition("=")
     if sep and "://" in rest and re.fullmatch(NAME_RE, name):
-        return {"name": name, key: rest}
+        return name, rest
+    return None, value
+
+
+def _target_from_flag(value: str, key: str, index: int) -> dict[str, Any]:
+    """`NAME=URL` or a bare URL; a bare URL is named after its host and port (never its password)."""
+    name, value = split_target_flag(value)
+    if name is not None:
+        return {"name": name, key: value}
     try:
         u = urlsplit(value)
         host = u.hostname or "localhost"

@@ -1,7 +1,9 @@
-"""`pgcache-exporter demo`: the exporter against a throwaway PostgreSQL and redis-server.
+"""`pgcache-exporter demo`: the exporter against a throwaway PostgreSQL and redis-server, with the
+seed design's blog running a steady workload through the cache, so every dashboard has data.
 
 Nothing to configure: both servers are started in temporary directories, the daemon watches
 them, and Ctrl-C (or SIGTERM) stops everything and removes the servers' files.
+`pgcache-exporter demo-workload` runs only the workload, against servers you name.
 """
 
 from __future__ import annotations
@@ -9,14 +11,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from ..config import Config
+from ..config import Config, split_target_flag
 from ..errors import ConfigError
 from .servers import PostgresCluster, RedisServer, ServerNotFound
 
 log = logging.getLogger(__name__)
+
+# The demo shows unused indexes at once (a real deployment waits for a week of statistics) and
+# refreshes sizes every 30 s instead of every 5 minutes.
+DEMO_CONFIG = """\
+postgres:
+  - name: demo
+    dsn: {dsn}
+redis:
+  - name: cache
+    url: {redis_url}
+collectors:
+  indexes: {{interval: 30s, timeout: 20s, unused_min_stats_age: 0s, unused_min_size: 0}}
+  tables: {{interval: 30s, timeout: 20s}}
+"""
+
+
+async def _stop_workload(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    try:
+        await asyncio.wait_for(task, timeout=10)
+    except Exception as e:  # the demo ends either way; say why the workload did not end cleanly
+        log.warning("demo workload ended with %r", e)
 
 
 def run_demo(
@@ -24,6 +50,7 @@ def run_demo(
 ) -> int:
     from ..daemon import Daemon
     from ..logs import setup_logging
+    from .blog import run_demo_workload
 
     setup_logging(args.log_level or "info", args.log_format or "text")
     try:
@@ -32,28 +59,56 @@ def run_demo(
     except ServerNotFound as e:
         print(f"pgcache-exporter demo: {e}", file=sys.stderr)
         return 1
-    with pg:
-        with redis:
-            args.postgres_dsn = [f"demo={pg.dsn}"]
-            args.redis_url = [f"cache={redis.url}"]
-            args.listen_address = args.listen_address or "127.0.0.1:19187"
-            load = config_loader(args)
+    with pg, redis:
+        config_file = Path(pg.base) / "demo.yaml"
+        config_file.write_text(DEMO_CONFIG.format(dsn=pg.dsn, redis_url=redis.url))
+        args.config_file = str(config_file)
+        args.postgres_dsn = args.redis_url = None
+        args.listen_address = args.listen_address or "127.0.0.1:19187"
+        load = config_loader(args)
 
-            async def main() -> None:
-                daemon = Daemon(load)
-                host_port = args.listen_address
-                print(
-                    f"pgcache-exporter demo: PostgreSQL {pg.major} on 127.0.0.1:{pg.port}, "
-                    f"Redis on 127.0.0.1:{redis.port}\n"
-                    f"  metrics: http://{host_port.replace('0.0.0.0', '127.0.0.1')}/metrics\n"
-                    "  Ctrl-C stops and removes everything.",
-                    flush=True,
-                )
-                await daemon.serve()
-
+        async def main() -> None:
+            daemon = Daemon(load)
+            stop = asyncio.Event()
+            workload = asyncio.create_task(run_demo_workload(pg.dsn, redis.url, stop))
+            print(
+                f"pgcache-exporter demo: PostgreSQL {pg.major} at {pg.dsn}, Redis at {redis.url}\n"
+                f"  metrics: http://{args.listen_address.replace('0.0.0.0', '127.0.0.1')}/metrics\n"
+                "  the blog workload runs through the cache; Ctrl-C stops and removes everything.",
+                flush=True,
+            )
             try:
-                asyncio.run(main())
-            except ConfigError as e:
-                print(f"pgcache-exporter demo: {e}", file=sys.stderr)
-                return 2
+                await daemon.serve()
+            finally:
+                await _stop_workload(workload, stop)
+
+        try:
+            asyncio.run(main())
+        except ConfigError as e:
+            print(f"pgcache-exporter demo: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def run_workload_only(args: argparse.Namespace) -> int:
+    """`demo-workload`: the blog workload against the first --postgres-dsn and --redis-url."""
+    from ..logs import setup_logging
+    from .blog import run_demo_workload
+
+    setup_logging(args.log_level or "info", args.log_format or "text")
+    if not args.postgres_dsn or not args.redis_url:
+        print("pgcache-exporter demo-workload: give --postgres-dsn and --redis-url "
+              "(a role that may create tables in that database)", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        _, dsn = split_target_flag(args.postgres_dsn[0])
+        _, url = split_target_flag(args.redis_url[0])
+        await run_demo_workload(dsn, url, stop, rate=args.rate)
+
+    asyncio.run(main())
     return 0
