@@ -172,10 +172,12 @@ class Daemon:
         try:
             await self._stopping.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            # Handlers stay installed until the pools are closed: a second Ctrl-C while stopping
+            # must not interrupt the shutdown half-way.
             log.info("stopping")
             await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
 
 
 async def collect_once(config: Config, snapshot: Snapshot) -> bool:

@@ -258,8 +258,12 @@ class PostgresCluster:
         return r.stdout.strip()
 
     def __enter__(self) -> PostgresCluster:
-        self.init().start()
-        self.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        try:
+            self.init().start()
+            self.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        except BaseException:
+            self.remove()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -286,6 +290,13 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> RedisServer:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> RedisServer:
         args = [
             self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(self.base), "--daemonize", "no",
@@ -322,7 +333,11 @@ class RedisServer:
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.remove()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
