@@ -5,7 +5,7 @@ test loudly (never a skip): CI installs them through .ci/run."""
 from __future__ import annotations
 
 import shutil
-import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +14,10 @@ import pytest
 from exporter.demo.servers import PostgresCluster, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Test helper modules (daemon_harness, metrics_text) live beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 
 
 @pytest.fixture(scope="session")
@@ -48,17 +52,3 @@ def promtool() -> str:
     if exe is None:
         pytest.fail("promtool not found: install Debian's `prometheus` package (.ci/run does)")
     return exe
-
-
-def promtool_check_metrics(promtool: str, exposition: bytes) -> None:
-    """Fail with promtool's own words when the exposition is not valid."""
-    r = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True)
-    # promtool exits 1 on lint problems as well as on parse errors; both are failures for us.
-    assert r.returncode == 0, (r.stdout + r.stderr).decode()
-
-
-# Test helper modules (daemon_harness, metrics_text) live beside the tests.
-import sys as _sys  # noqa: E402
-
-_sys.path.insert(0, str(Path(__file__).resolve().parent))
-_sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def samples(text: str | bytes, name: str, **labels: str) -> list[float]:
@@ -28,3 +33,10 @@ def types(text: str | bytes) -> dict[str, str]:
     if isinstance(text, bytes):
         text = text.decode()
     return {fam.name: fam.type for fam in text_string_to_metric_families(text)}
+
+
+def promtool_check_metrics(promtool: str, exposition: bytes) -> None:
+    """Fail with promtool's own words when the exposition is not valid."""
+    r = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True)
+    # promtool exits 1 on lint problems as well as on parse errors; both are failures for us.
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()

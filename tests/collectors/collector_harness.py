@@ -4,7 +4,6 @@ call that runs a collector and returns its result with the rendered exposition."
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from metrics_text import promtool_check_metrics  # noqa: F401 - re-exported for the collector tests
 
 from exporter.collector import CollectResult
 from exporter.config import DatabaseSelection, PostgresTargetConfig
@@ -84,9 +84,3 @@ def database_name(request: pytest.FixtureRequest, prefix: str) -> str:
 def one(samples: list[Any]) -> Any:
     assert len(samples) == 1, samples
     return samples[0]
-
-
-def promtool_check_metrics(promtool: str, exposition: bytes) -> None:
-    """As tests/conftest.py's (a conftest module cannot be imported from a second conftest dir)."""
-    r = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True)
-    assert r.returncode == 0, (r.stdout + r.stderr).decode()

@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, promtool_check_metrics
-from metrics_text import value
+from metrics_text import REPO, promtool_check_metrics, value
 
 from exporter import __version__
 from exporter.demo.servers import PostgresCluster, free_port

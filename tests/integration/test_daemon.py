@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import promtool_check_metrics
 from daemon_harness import (
     DaemonProcess,
     fast_collectors,
@@ -21,7 +20,7 @@ from daemon_harness import (
     url,
     wait_for,
 )
-from metrics_text import value
+from metrics_text import promtool_check_metrics, value
 
 from exporter.demo.servers import PostgresCluster, free_port
 
