@@ -262,7 +262,7 @@ class IndexesSettings(CollectorSettings):
     timeout: Duration = 30.0
     unused_min_stats_age: Duration = 7 * 86400.0
     unused_min_size: Size = 1_000_000
-    limit: int = Field(default=5000, ge=1, le=1_000_000)
+    limit: int = Field(default=1000, ge=1, le=1_000_000)
 
 
 class TablesSettings(CollectorSettings):
