@@ -1,0 +1,276 @@
+"""`explain`: EXPLAIN a statement the way the seed design's QueryOptimizer meant to, without ever
+changing data, and point at the plan nodes that dominate.
+
+- Without --analyze: EXPLAIN (FORMAT JSON); nothing is executed (any explainable statement).
+- With --analyze: EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) in a READ ONLY transaction under a
+  statement_timeout, rolled back. A statement that writes, seen in its text, is refused unless
+  --allow-writes; one whose write only shows at run time (a function that writes, nextval) fails
+  on the read-only transaction. With --allow-writes it runs READ WRITE and is still rolled back
+  (sequences advanced by nextval are the one thing a rollback does not undo).
+- Parameters: a JSON array bound to $1..$n (the placeholders pg_stat_statements shows), via
+  PREPARE and EXPLAIN EXECUTE with literals, so the server converts each value to the
+  parameter's type and the plan is the custom plan the application gets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from ..errors import QueryError
+from ..postgres.engine import PostgresTarget, describe_error
+from .render import Column, format_count, format_ms, render_table
+from .statement import Statement
+from .targets import ReportInputError, check_database
+
+__all__ = ["ExplainReport", "Finding", "NodeTime", "analyze_plan", "explain", "explain_text"]
+
+PREPARED_NAME = "pgcache_explain"
+ROW_ERROR_FACTOR = 10.0
+TOP_NODES = 5
+# SQLSTATE classes that mean "the statement as given is wrong" (exit 2), not a server failure.
+_INPUT_SQLSTATES = ("42", "22", "0A", "21", "2B", "23", "25006", "44")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # seq_scan | row_estimate | sort_spill | hash_spill
+    node: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    node: str
+    exclusive_ms: float
+    percent: float | None  # of the execution time
+    rows: float
+    loops: float
+
+
+@dataclass(frozen=True)
+class ExplainReport:
+    database: str
+    analyze: bool
+    read_write: bool
+    statement: str
+    params: list[Any] | None
+    planning_ms: float | None
+    execution_ms: float | None
+    total_cost: float
+    plan_rows: float
+    actual_rows: float | None
+    shared_hit_blocks: int | None
+    shared_read_blocks: int | None
+    findings: list[Finding] = field(default_factory=list)
+    top_nodes: list[NodeTime] = field(default_factory=list)
+    plan: list[Any] = field(default_factory=list)  # the raw FORMAT JSON output
+
+
+def _label(node: Mapping[str, Any]) -> str:
+    out = str(node.get("Node Type", "?"))
+    if node.get("Strategy") in ("Sorted", "Hashed", "Mixed") and out == "Aggregate":
+        out = f"{node['Strategy']} Aggregate"
+    if "Index Name" in node:
+        out += f" using {node['Index Name']}"
+    if "Relation Name" in node:
+        out += f" on {node['Relation Name']}"
+        if node.get("Alias") not in (None, node["Relation Name"]):
+            out += f" {node['Alias']}"
+    elif "CTE Name" in node:
+        out += f" on {node['CTE Name']}"
+    return out
+
+
+def _walk(node: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _walk(child)
+
+
+def _inclusive_ms(node: Mapping[str, Any]) -> float:
+    return float(node.get("Actual Total Time", 0.0)) * float(node.get("Actual Loops", 1) or 0)
+
+
+def analyze_plan(
+    plan: Mapping[str, Any], *, analyzed: bool, table_rows: Mapping[str, float], seq_scan_rows: float
+) -> tuple[list[Finding], list[NodeTime]]:
+    """The nodes that dominate: sequential scans of large tables, row estimates off by 10x or more,
+    sorts and hashes spilling to disk; and (analyzed) the top nodes by exclusive time."""
+    root = plan["Plan"]
+    execution = plan.get("Execution Time")
+    findings: list[Finding] = []
+    times: list[NodeTime] = []
+    for node in _walk(root):
+        label = _label(node)
+        loops = float(node.get("Actual Loops", 0) or 0)
+        if node.get("Node Type") == "Seq Scan":
+            in_table = table_rows.get(str(node.get("Relation Name")))
+            if analyzed:
+                examined = (float(node.get("Actual Rows", 0)) + float(node.get("Rows Removed by Filter", 0))) * loops
+                returned = float(node.get("Actual Rows", 0)) * loops
+            else:
+                examined = returned = float(node.get("Plan Rows", 0))
+            if max(in_table or 0.0, examined) >= seq_scan_rows:
+                detail = (
+                    f"{format_count(in_table)} rows in the table (estimate), "
+                    f"{format_count(examined)} read, {format_count(returned)} returned"
+                    + (f"; filter {node['Filter']}: an index on it may help" if "Filter" in node else "")
+                )
+                findings.append(Finding("seq_scan", label, detail))
+        if analyzed and loops > 0:
+            est, act = float(node.get("Plan Rows", 0)), float(node.get("Actual Rows", 0))
+            ratio = max(est, 1.0) / max(act, 1.0)
+            if ratio >= ROW_ERROR_FACTOR or 1 / ratio >= ROW_ERROR_FACTOR:
+                way = "over" if ratio > 1 else "under"
+                findings.append(Finding(
+                    "row_estimate", label,
+                    f"estimated {format_count(est)} rows, actual {format_count(act)} per loop "
+                    f"({max(ratio, 1 / ratio):,.0f}x {way}-estimate): ANALYZE the table, or raise "
+                    "its statistics target",
+                ))
+        if node.get("Sort Space Type") == "Disk" or str(node.get("Sort Method", "")).startswith("external"):
+            findings.append(Finding(
+                "sort_spill", label,
+                f"{node.get('Sort Method')} using {format_count(node.get('Sort Space Used'))} kB on "
+                "disk: raise work_mem for this query, or sort fewer rows",
+            ))
+        if int(node.get("Hash Batches", 1) or 1) > 1:
+            findings.append(Finding(
+                "hash_spill", label,
+                f"{node['Hash Batches']} batches (spilled to disk), peak memory "
+                f"{format_count(node.get('Peak Memory Usage'))} kB: raise work_mem or hash_mem_multiplier",
+            ))
+        if analyzed and loops > 0:
+            own = _inclusive_ms(node) - sum(_inclusive_ms(c) for c in node.get("Plans", ()))
+            own = max(0.0, own)
+            pct = 100 * own / execution if execution else None
+            times.append(NodeTime(label, own, pct, float(node.get("Actual Rows", 0)), loops))
+    times.sort(key=lambda t: -t.exclusive_ms)
+    return findings, times[:TOP_NODES]
+
+
+def _sqlstate(e: DBAPIError) -> str:
+    orig = e.orig
+    return str(getattr(getattr(orig, "__cause__", None), "sqlstate", None) or getattr(orig, "sqlstate", "") or "")
+
+
+async def explain(
+    target: PostgresTarget,
+    statement: Statement,
+    *,
+    params: list[str] | None,
+    raw_params: list[Any] | None,
+    analyze: bool,
+    allow_writes: bool,
+    database: str | None,
+    statement_timeout: float,
+    seq_scan_rows: float,
+) -> ExplainReport:
+    if analyze and statement.writes and not allow_writes:
+        raise ReportInputError(
+            f"refused: EXPLAIN ANALYZE executes the statement and it would write ({statement.writes}). "
+            "Rerun with --allow-writes to run it in a transaction that is rolled back, or without "
+            "--analyze to see the plan without running it"
+        )
+    db = database or target.default_database
+    if database is not None:
+        await check_database(target, database, statement_timeout)
+    read_write = analyze and allow_writes
+    options = "ANALYZE, BUFFERS, FORMAT JSON" if analyze else "FORMAT JSON"
+    where = f"target {target.name}, database {db}"
+    async with target.session(db, statement_timeout=statement_timeout, read_write=read_write) as conn:
+        try:
+            # exec_driver_sql: the text reaches the server as written (no ':name' binds).
+            if params is None:
+                result = await conn.exec_driver_sql(f"EXPLAIN ({options}) {statement.text}")
+            else:
+                await conn.exec_driver_sql(f"PREPARE {PREPARED_NAME} AS {statement.text}")
+                result = await conn.exec_driver_sql(
+                    f"EXPLAIN ({options}) EXECUTE {PREPARED_NAME}({', '.join(params)})"
+                )
+            raw = result.scalar_one()
+            doc: list[Any] = json.loads(raw) if isinstance(raw, str) else raw
+            if params is not None:
+                await conn.exec_driver_sql(f"DEALLOCATE {PREPARED_NAME}")
+            names = sorted({str(n["Relation Name"]) for n in _walk(doc[0]["Plan"])
+                            if n.get("Node Type") == "Seq Scan" and "Relation Name" in n})
+            table_rows: dict[str, float] = {}
+            if names:
+                found = await conn.execute(text(
+                    "SELECT n, c.reltuples::float8 FROM unnest(CAST(:names AS text[])) n "
+                    "JOIN pg_class c ON c.oid = to_regclass(quote_ident(n))"
+                ), {"names": names})
+                table_rows = {n: max(0.0, r) for n, r in found}
+        except DBAPIError as e:
+            state = _sqlstate(e)
+            if state == "25006":
+                raise ReportInputError(
+                    f"{where}: refused at run time, the statement tried to write "
+                    f"({describe_error(e)}); nothing was changed. Rerun with --allow-writes to run "
+                    "it in a transaction that is rolled back"
+                ) from None
+            if state == "57014":
+                raise QueryError(f"{where}: the statement ran longer than --timeout {statement_timeout:g}s and was cancelled") from None
+            if state.startswith(_INPUT_SQLSTATES):
+                raise ReportInputError(f"{where}: {describe_error(e)}") from None
+            raise  # the session names it (connection lost, or a server-side failure)
+        finally:
+            # Always: whatever ran is undone (the session would roll back too; say it here).
+            await conn.rollback()
+
+    top = doc[0]
+    root = top["Plan"]
+    findings, nodes = analyze_plan(top, analyzed=analyze, table_rows=table_rows, seq_scan_rows=seq_scan_rows)
+    return ExplainReport(
+        database=db, analyze=analyze, read_write=read_write, statement=statement.text,
+        params=raw_params,
+        planning_ms=top.get("Planning Time"), execution_ms=top.get("Execution Time"),
+        total_cost=float(root["Total Cost"]), plan_rows=float(root["Plan Rows"]),
+        actual_rows=float(root["Actual Rows"]) if "Actual Rows" in root else None,
+        shared_hit_blocks=root.get("Shared Hit Blocks"), shared_read_blocks=root.get("Shared Read Blocks"),
+        findings=findings, top_nodes=nodes, plan=doc,
+    )
+
+
+def explain_text(r: ExplainReport, width: int | None = None) -> str:
+    if r.analyze:
+        how = ("executed in a READ WRITE transaction, rolled back (sequences advanced by nextval "
+               "stay advanced)" if r.read_write else "executed in a read-only transaction, rolled back")
+    else:
+        how = "planned only, not executed"
+    out = [f"EXPLAIN{' ANALYZE' if r.analyze else ''} on database {r.database}: {how}\n"]
+    facts = [f"planning {format_ms(r.planning_ms)}"]
+    if r.analyze:
+        facts.append(f"execution {format_ms(r.execution_ms)}")
+    facts.append(f"total cost {r.total_cost:,.2f}")
+    if r.actual_rows is not None:
+        facts.append(f"rows {format_count(r.actual_rows)} (estimated {format_count(r.plan_rows)})")
+    else:
+        facts.append(f"rows {format_count(r.plan_rows)} (estimated)")
+    if r.shared_hit_blocks is not None:
+        facts.append(f"shared buffers hit {format_count(r.shared_hit_blocks)}, "
+                     f"read {format_count(r.shared_read_blocks)}")
+    out.append(" · ".join(facts) + "\n")
+    if r.findings:
+        out.append("\nFindings:\n" + render_table(r.findings, [
+            Column("KIND", lambda f: f.kind),
+            Column("NODE", lambda f: f.node, flex=True, min_width=16),
+            Column("DETAIL", lambda f: f.detail, flex=True, min_width=30),
+        ], width))
+    else:
+        out.append("\nFindings: none (no large sequential scan, 10x row-estimate error or spill)\n")
+    if r.top_nodes:
+        out.append("\nTop nodes by exclusive time:\n" + render_table(r.top_nodes, [
+            Column("TIME", lambda t: format_ms(t.exclusive_ms), ">"),
+            Column("%", lambda t: "-" if t.percent is None else f"{t.percent:.0f}", ">"),
+            Column("ROWS", lambda t: format_count(t.rows), ">"),
+            Column("LOOPS", lambda t: format_count(t.loops), ">"),
+            Column("NODE", lambda t: t.node, flex=True, min_width=16),
+        ], width))
+    return "".join(out)
