@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from reports.report_harness import drop_database, fresh_database, run_cli, run_json
 
 from exporter.demo.servers import PostgresCluster
+from reports.report_harness import drop_database, fresh_database, run_cli, run_json
 
 DB = "rep_explain"
 ROWS = 50_000
