@@ -32,7 +32,7 @@ def _resolve_sql(server_version_num: int) -> str:
         "pg_has_role(c.relowner, 'USAGE') OR pg_has_role(d.datdba, 'USAGE')"
     )
     return f"""
-SELECT c.oid, c.relkind, format('%I.%I', n.nspname, c.relname) AS qualified, {allowed} AS allowed
+SELECT c.oid, c.relkind::text AS relkind, format('%I.%I', n.nspname, c.relname) AS qualified, {allowed} AS allowed
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_database d ON d.datname = current_database()
 WHERE c.oid = to_regclass(:name)
