@@ -1,0 +1,163 @@
+"""One full collection round of our exporter, timed in-process, against the raw SQL floor.
+
+The round: every PostgreSQL collector's `collect()` (the code the daemon schedules: session set-up,
+SQL, rows to families), one after another, summed, in steady state (pools warm, the statements
+collector's query-text cache filled by a warm-up round).
+
+The floor: the same data statements, run directly with one asyncpg connection, sequentially,
+every row fetched, summed. It leaves out what the exporter adds around them (pool checkout and
+pre-ping, the statement_timeout set-up, transaction begin/rollback, building families).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from exporter.config import build_config
+from exporter.daemon import build_jobs
+from exporter.postgres import activity as _activity
+from exporter.postgres.database import DATABASE_SQL
+from exporter.postgres.engine import APPLICATION_NAME
+from exporter.postgres.indexes import STATS_AGE_SQL, indexes_sql
+from exporter.postgres.statements import (
+    EXTENSION_SQL,
+    parse_extversion,
+    statements_info_sql,
+    statements_sql,
+)
+from exporter.postgres.tables import TABLES_SQL
+
+__all__ = ["RoundResult", "measure_round_vs_floor", "ours_config"]
+
+# (Names as of this writing; older trees had them private.)
+LABEL_COLUMNS = _activity.LABEL_COLUMNS
+activity_sql = _activity.activity_sql
+_AGES_SQL = getattr(_activity, "AGES_SQL", None) or _activity._AGES_SQL  # noqa: SLF001
+_SETTINGS_SQL = getattr(_activity, "SETTINGS_SQL", None) or _activity._SETTINGS_SQL  # noqa: SLF001
+
+COLLECTORS = ("activity", "statements", "indexes", "tables", "database")
+
+
+def ours_config(dsn: str, intervals: dict[str, float] | None = None, listen: str | None = None,
+                ) -> dict:
+    """Our config for the benchmark: one target, the DSN's database only, every table and index
+    exported (limits above the catalog), the statements collector at its default limit (200)."""
+    intervals = intervals or {}
+    defaults = {"activity": 15, "statements": 30, "indexes": 300, "tables": 300, "database": 30}
+    timeouts = {"activity": 5, "statements": 10, "indexes": 30, "tables": 30, "database": 10}
+    collectors: dict[str, dict] = {"cache": {"enabled": False}}
+    for c in COLLECTORS:
+        iv = intervals.get(c, defaults[c])
+        collectors[c] = {"interval": iv, "timeout": min(timeouts[c], iv)}
+    collectors["tables"]["limit"] = 1_000_000
+    collectors["indexes"]["limit"] = 1_000_000
+    cfg: dict = {
+        "log": {"level": "warning"},
+        "postgres": [{"name": "bench", "dsn": dsn, "databases": {"auto_discover": False}}],
+        "collectors": collectors,
+    }
+    if listen:
+        cfg["web"] = {"listen_address": listen}
+    return cfg
+
+
+@dataclass
+class RoundResult:
+    tables: int
+    round_s: float  # median over rounds of the sequential sum
+    floor_s: float  # median over rounds of the sequential sum
+    per_collector_s: dict[str, float] = field(default_factory=dict)
+    per_statement_floor_s: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.round_s / self.floor_s if self.floor_s else float("nan")
+
+
+def _asyncpg(sql: str) -> str:
+    # SQLAlchemy text(): ":name" binds and "\:" escapes; asyncpg wants $n and plain colons.
+    return sql.replace(":app", "$1").replace("\\:", ":")
+
+
+async def _floor_statements(conn: asyncpg.Connection) -> list[tuple[str, str, tuple]]:
+    ext = await conn.fetchrow(EXTENSION_SQL)
+    version = parse_extversion(ext["extversion"])
+    schema = ext["schema"]
+    server = int(await conn.fetchval("SHOW server_version_num"))
+    stmts: list[tuple[str, str, tuple]] = [
+        ("activity: counts", _asyncpg(activity_sql(LABEL_COLUMNS)), (APPLICATION_NAME,)),
+        ("activity: ages", _asyncpg(_AGES_SQL), (APPLICATION_NAME,)),
+        ("activity: settings", _SETTINGS_SQL, ()),
+        ("statements: extension", EXTENSION_SQL, ()),
+        ("statements: counters", statements_sql(schema, version), ()),
+    ]
+    if version >= (1, 9):
+        stmts.append(("statements: info", statements_info_sql(schema), ()))
+    stmts += [
+        ("indexes: rows", _asyncpg(indexes_sql(server)), ()),
+        ("indexes: stats age", STATS_AGE_SQL, ()),
+        ("tables: rows", TABLES_SQL, ()),
+        ("database: rows", DATABASE_SQL, ()),
+    ]
+    return stmts
+
+
+async def measure_round_vs_floor(
+    ours_dsn: str, floor_dsn: str, tables: int, rounds: int = 5,
+) -> RoundResult:
+    config = build_config(ours_config(ours_dsn))
+    targets, jobs = build_jobs(config)
+    jobs = [j for j in jobs if j.collector.name in COLLECTORS]
+    conn = await asyncpg.connect(floor_dsn, server_settings={"application_name": "pgcache-floor"})
+    try:
+        stmts = await _floor_statements(conn)
+        # Warm-up: pools, prepared statements, the statements collector's text cache, catalogs.
+        for j in jobs:
+            await j.collector.collect()
+        for _, sql, args in stmts:
+            await conn.fetch(sql, *args)
+        round_totals, floor_totals = [], []
+        per_c: dict[str, list[float]] = {j.collector.name: [] for j in jobs}
+        per_s: dict[str, list[float]] = {name: [] for name, _, _ in stmts}
+        for _ in range(rounds):
+            # Alternate: our round, then the floor, so drift on the machine hits both.
+            total = 0.0
+            for j in jobs:
+                t0 = time.perf_counter()
+                await j.collector.collect()
+                dt = time.perf_counter() - t0
+                per_c[j.collector.name].append(dt)
+                total += dt
+            round_totals.append(total)
+            total = 0.0
+            for name, sql, args in stmts:
+                t0 = time.perf_counter()
+                await conn.fetch(sql, *args)
+                dt = time.perf_counter() - t0
+                per_s[name].append(dt)
+                total += dt
+            floor_totals.append(total)
+    finally:
+        await conn.close()
+        for j in jobs:
+            await j.collector.close()
+        for t in targets:
+            await t.dispose()
+    return RoundResult(
+        tables=tables,
+        round_s=statistics.median(round_totals),
+        floor_s=statistics.median(floor_totals),
+        per_collector_s={k: statistics.median(v) for k, v in per_c.items()},
+        per_statement_floor_s={k: statistics.median(v) for k, v in per_s.items()},
+        rounds=rounds,
+    )
+
+
+def run_round_vs_floor(ours_dsn: str, floor_dsn: str, tables: int, rounds: int = 5) -> RoundResult:
+    return asyncio.run(measure_round_vs_floor(ours_dsn, floor_dsn, tables, rounds))
