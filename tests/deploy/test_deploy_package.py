@@ -10,7 +10,6 @@ import re
 import shlex
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 import tomllib
