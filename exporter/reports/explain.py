@@ -87,14 +87,19 @@ def _label(node: Mapping[str, Any]) -> str:
     return out
 
 
-def _walk(node: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    yield node
+def _walk(node: Mapping[str, Any], parallel: bool = False) -> Iterator[tuple[Mapping[str, Any], bool]]:
+    """Every node, and whether it runs in parallel workers (below a Gather)."""
+    yield node, parallel
+    below = parallel or node.get("Node Type") in ("Gather", "Gather Merge")
     for child in node.get("Plans", ()):
-        yield from _walk(child)
+        yield from _walk(child, below)
 
 
-def _inclusive_ms(node: Mapping[str, Any]) -> float:
-    return float(node.get("Actual Total Time", 0.0)) * float(node.get("Actual Loops", 1) or 0)
+def _inclusive_ms(node: Mapping[str, Any], parallel: bool) -> float:
+    # Actual Total Time is per loop. Loops in parallel workers run at the same time, so their
+    # average is the wall time; elsewhere loops run one after another.
+    loops = 1.0 if parallel else float(node.get("Actual Loops", 1) or 0)
+    return float(node.get("Actual Total Time", 0.0)) * loops
 
 
 def analyze_plan(
@@ -106,7 +111,7 @@ def analyze_plan(
     execution = plan.get("Execution Time")
     findings: list[Finding] = []
     times: list[NodeTime] = []
-    for node in _walk(root):
+    for node, parallel in _walk(root):
         label = _label(node)
         loops = float(node.get("Actual Loops", 0) or 0)
         if node.get("Node Type") == "Seq Scan":
@@ -147,7 +152,8 @@ def analyze_plan(
                 f"{format_count(node.get('Peak Memory Usage'))} kB: raise work_mem or hash_mem_multiplier",
             ))
         if analyzed and loops > 0:
-            own = _inclusive_ms(node) - sum(_inclusive_ms(c) for c in node.get("Plans", ()))
+            below = parallel or node.get("Node Type") in ("Gather", "Gather Merge")
+            own = _inclusive_ms(node, parallel) - sum(_inclusive_ms(c, below) for c in node.get("Plans", ()))
             own = max(0.0, own)
             pct = 100 * own / execution if execution else None
             times.append(NodeTime(label, own, pct, float(node.get("Actual Rows", 0)), loops))
@@ -198,7 +204,7 @@ async def explain(
             doc: list[Any] = json.loads(raw) if isinstance(raw, str) else raw
             if params is not None:
                 await conn.exec_driver_sql(f"DEALLOCATE {PREPARED_NAME}")
-            names = sorted({str(n["Relation Name"]) for n in _walk(doc[0]["Plan"])
+            names = sorted({str(n["Relation Name"]) for n, _ in _walk(doc[0]["Plan"])
                             if n.get("Node Type") == "Seq Scan" and "Relation Name" in n})
             table_rows: dict[str, float] = {}
             if names:
