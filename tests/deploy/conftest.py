@@ -4,38 +4,13 @@ every example config shipped is checked by the packaged program, not by the sour
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
-from deploy_files import REPO, builder_context_files
-
-
-@dataclass(frozen=True)
-class Dist:
-    sdist: Path
-    wheel: Path
-
-
-@dataclass(frozen=True)
-class Installed:
-    """The console script of the wheel installed into a clean venv."""
-
-    venv: Path
-    exe: Path
-
-    def run(self, *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        # A minimal environment: nothing from this venv or the repo leaks into the installed program.
-        base = {"PATH": f"{self.venv / 'bin'}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
-                "LANG": "C.UTF-8"}
-        return subprocess.run([str(self.exe), *args], env={**base, **(env or {})}, cwd=cwd or self.venv,
-                              capture_output=True, text=True, timeout=timeout)
+from deploy_files import REPO, Dist, Installed, builder_context_files
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,11 @@ stages, .dockerignore matching, YAML documents, and a pod's projected config vol
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
+import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,31 @@ DOCKERIGNORE = REPO / ".dockerignore"
 COMPOSE = REPO / "deploy" / "docker-compose.yml"
 K8S = REPO / "deploy" / "kubernetes"
 SYSTEMD = REPO / "deploy" / "systemd"
+
+# -- the built package ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    sdist: Path
+    wheel: Path
+
+
+@dataclass(frozen=True)
+class Installed:
+    """The console script of the wheel installed into a clean venv."""
+
+    venv: Path
+    exe: Path
+
+    def run(self, *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        # A minimal environment: nothing from this venv or the repo leaks into the installed program.
+        base = {"PATH": f"{self.venv / 'bin'}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
+                "LANG": "C.UTF-8"}
+        return subprocess.run([str(self.exe), *args], env={**base, **(env or {})}, cwd=cwd or self.venv,
+                              capture_output=True, text=True, timeout=timeout)
+
 
 # -- Dockerfile ----------------------------------------------------------------------------------
 

@@ -17,8 +17,15 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from conftest import Dist, Installed
-from deploy_files import REPO, SYSTEMD, copy_sources, dockerfile_stages, in_build_context
+from deploy_files import (
+    REPO,
+    SYSTEMD,
+    Dist,
+    Installed,
+    copy_sources,
+    dockerfile_stages,
+    in_build_context,
+)
 
 from exporter import __version__
 
