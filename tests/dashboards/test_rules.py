@@ -1,0 +1,121 @@
+"""deploy/prometheus: the alert rules pass `promtool check rules` and their unit tests, every alert
+has a firing and a silent case and a runbook section, and the short-`for:` copy for the
+end-to-end test is derived from the real file."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from . import promql
+
+ALERTS = promql.PROMETHEUS / "alerts.yml"
+ALERTS_TEST = promql.PROMETHEUS / "alerts_test.yml"
+DOC = promql.REPO / "docs" / "dashboards-and-alerts.md"
+
+
+def load_short_rules() -> Any:
+    spec = importlib.util.spec_from_file_location("short_rules", promql.PROMETHEUS / "short_rules.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=promql.PROMETHEUS)
+
+
+def test_promtool_check_rules(promtool: str) -> None:
+    r = run(promtool, "check", "rules", str(ALERTS))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_promtool_test_rules(promtool: str) -> None:
+    r = run(promtool, "test", "rules", str(ALERTS_TEST))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_prometheus_config_is_valid_and_loads_the_rules(promtool: str) -> None:
+    r = run(promtool, "check", "config", str(promql.PROMETHEUS / "prometheus.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = yaml.safe_load((promql.PROMETHEUS / "prometheus.yml").read_text())
+    assert cfg["rule_files"] == ["alerts.yml"]
+    assert [j["job_name"] for j in cfg["scrape_configs"]] == ["pgcache-exporter"]
+
+
+def test_every_alert_has_a_firing_and_a_silent_case() -> None:
+    tests = yaml.safe_load(ALERTS_TEST.read_text())
+    assert tests["rule_files"] == ["alerts.yml"]
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for group in tests["tests"]:
+        for case in group.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else silent).add(case["alertname"])
+    names = {r["alert"] for r in alert_rules()}
+    assert names - fires == set(), "alerts without a firing case"
+    assert names - silent == set(), "alerts without a silent case"
+    assert (fires | silent) - names == set(), "tests of alerts that do not exist"
+
+
+def test_alerts_are_documented_and_labelled() -> None:
+    doc = DOC.read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+\s+(.+)$", doc, re.M)}
+    names = [r["alert"] for r in alert_rules()]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    for r in alert_rules():
+        name = r["alert"]
+        assert re.fullmatch(r"Pgcache[A-Z][A-Za-z]+", name), name
+        assert r["labels"]["severity"] in ("critical", "warning", "info"), name
+        ann = r["annotations"]
+        assert ann["summary"] and "{{" in ann["summary"] or name == "PgcacheExporterAbsent", name
+        assert "$value" in ann["description"] or "$labels" in ann["description"], name
+        url = ann["runbook_url"]
+        assert url == f"docs/dashboards-and-alerts.md#{name.lower()}", (name, url)
+        assert name.lower() in anchors, f"{name}: no section in {DOC.name}"
+
+
+def test_alerts_use_exposed_metrics_and_rate_only_counters() -> None:
+    types = promql.series_types()
+    for r in alert_rules():
+        expr = r["expr"]
+        names = promql.metric_names(expr)
+        assert names and names <= set(types), (r["alert"], sorted(names - set(types)))
+        for func, metric, _ in promql.range_function_args(expr, promql.RANGE_FUNCS):
+            assert types[metric] in ("counter", "histogram"), (r["alert"], func, metric)
+        assert promql.function_calls(expr, promql.RANGE_FUNCS) == len(
+            promql.range_function_args(expr, promql.RANGE_FUNCS)), r["alert"]
+
+
+def test_short_rules_are_the_real_rules_with_short_windows(promtool: str, tmp_path: Path) -> None:
+    short_rules = load_short_rules()
+    out = short_rules.shorten_file(ALERTS, tmp_path / "short.yml", for_="2s", window="10s")
+    r = subprocess.run([promtool, "check", "rules", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    real = alert_rules()
+    short = [x for g in yaml.safe_load(out.read_text())["groups"] for x in g["rules"]]
+    assert [x["alert"] for x in short] == [x["alert"] for x in real]
+    for a, b in zip(real, short, strict=True):
+        assert b["labels"] == a["labels"] and b["annotations"] == a["annotations"]
+        assert b.get("for", "2s") == "2s"
+        assert short_rules.RANGE.sub("[10s]", a["expr"]) == b["expr"]
+        assert not re.search(r"\[(?!10s\])", b["expr"]), b["expr"]
+
+
+def test_short_rules_refuse_subqueries() -> None:
+    short_rules = load_short_rules()
+    doc = {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "max_over_time(rate(x_total[5m])[1h:1m]) > 0"}]}]}
+    with pytest.raises(ValueError, match="subqueries"):
+        short_rules.shorten(doc)
