@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("demo-workload", help="run the demo's blog workload against --postgres-dsn and --redis-url")
     _common(w, suppress=True)
     w.add_argument("--rate", type=float, default=20.0, help="operations per second (default 20)")
+    from .reports.cli import add_commands
+
+    p.set_defaults(extra_handlers=add_commands(sub, lambda q: _common(q, suppress=True)))
     return p
 
 
@@ -163,8 +166,10 @@ def cmd_demo_workload(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "run"
-    handlers = {"run": cmd_run, "check-config": cmd_check_config, "once": cmd_once, "demo": cmd_demo,
-                "demo-workload": cmd_demo_workload}
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": cmd_run, "check-config": cmd_check_config, "once": cmd_once, "demo": cmd_demo,
+        "demo-workload": cmd_demo_workload, **getattr(args, "extra_handlers", {}),
+    }
     try:
         return handlers[command](args)
     except KeyboardInterrupt:

@@ -1,27 +1,23 @@
-"""Run the report commands in-process through a parser shaped like exporter/cli.py's (the same
-common flags), and build databases of known content."""
+"""Run the report commands in-process through the real command line (exporter.cli.main), and
+build databases of known content."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import pytest
 
-from exporter.cli import _common
+from exporter.cli import main
 from exporter.demo.servers import PostgresCluster
-from exporter.reports import add_commands
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="pgcache-exporter")
-    _common(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command")
-    handlers = add_commands(sub, lambda p: _common(p, suppress=True))
-    args = parser.parse_args(argv)
     capsys.readouterr()
-    code = handlers[args.command](args)
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse rejecting a flag value
+        code = int(e.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
 
