@@ -1,0 +1,317 @@
+"""End to end: a real Prometheus (loopback, 1 s scrape and evaluation) scrapes the daemon, which
+watches a throwaway PostgreSQL and Redis running the demo workload. Every dashboard query returns
+data; the unused-index, slow-statement and cache hit-ratio alerts fire (the last one also clears);
+and exposed_metrics.json matches the real /metrics.
+
+The rules are alerts.yml passed through deploy/prometheus/short_rules.py (for: 2s, windows 10s)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from daemon_harness import fast_collectors, fetch, running_daemon, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from exporter.cache import CachingService
+from exporter.demo.blog import (
+    CachedUserRepository,
+    asyncpg_url,
+    create_schema,
+    run_workload,
+    seed_data,
+)
+from exporter.demo.servers import PostgresCluster, RedisServer, free_port
+
+from . import promql
+from .test_rules import ALERTS, load_short_rules
+
+UNUSED_INDEX = "idx_users_username_lower_unused"  # the demo schema's index nobody uses
+SLOW_SQL = "SELECT pg_sleep(:pause) /* made slow on purpose */"
+
+
+# -- Prometheus -----------------------------------------------------------------------------------
+class Prometheus:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    async def get(self, path: str, **params: str) -> Any:
+        async with aiohttp.ClientSession() as s, s.get(self.base + path, params=params) as r:
+            body = await r.json()
+            assert body["status"] == "success", body
+            return body["data"]
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        data = await self.get("/api/v1/query", query=expr)
+        assert data["resultType"] == "vector", data
+        return list(data["result"])
+
+    async def alerts(self, name: str, state: str = "firing") -> list[dict[str, str]]:
+        data = await self.get("/api/v1/alerts")
+        return [a["labels"] for a in data["alerts"] if a["labels"]["alertname"] == name and a["state"] == state]
+
+
+@contextlib.contextmanager
+def prometheus_server(tmp: Path, scrape_target: str) -> Iterator[Prometheus]:
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus not found: install Debian's `prometheus` package (.ci/run does)")
+    rules = load_short_rules().shorten_file(ALERTS, tmp / "alerts.short.yml", for_="2s", window="10s")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "pgcache-exporter", "static_configs": [{"targets": [scrape_target]}]}],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = open(tmp / "prometheus.log", "wb")
+    proc = subprocess.Popen(
+        [exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        yield Prometheus(f"http://127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def prometheus_ready(p: Prometheus) -> None:
+    async def ready() -> bool:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(p.base + "/-/ready") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(ready, timeout=20, what="Prometheus ready")
+
+
+@pytest.fixture
+def pg_autovacuum() -> Iterator[PostgresCluster]:
+    """A cluster of the test's own whose autovacuum wakes every second, so the autovacuum and
+    autoanalyze timestamps appear within the test."""
+    with PostgresCluster(settings={"autovacuum_naptime": "1"}) as cluster:
+        yield cluster
+
+
+# -- workload -------------------------------------------------------------------------------------
+async def prepare_database(pg: PostgresCluster, engine: AsyncEngine) -> None:
+    await create_schema(engine)
+    await seed_data(engine, users=300, posts=3000, follows=1500)
+    # A redundant index (a prefix of the unique constraint's index) and an invalid one (a unique
+    # index built concurrently over duplicate values fails and stays behind, invalid).
+    pg.psql("CREATE INDEX idx_follows_follower ON user_follows (follower_id)")
+    with pytest.raises(Exception, match="could not create unique index"):
+        pg.psql("CREATE UNIQUE INDEX CONCURRENTLY idx_posts_body_invalid ON posts (body)")
+    # Reset timestamps exist only after a reset; vacuum and analyze timestamps after a vacuum.
+    pg.psql("SELECT pg_stat_reset()")
+    pg.psql("SELECT pg_stat_statements_reset()")
+    pg.psql("VACUUM ANALYZE users, posts, user_follows")
+    # The workload's likes update posts: let autovacuum process it after the first few.
+    pg.psql("ALTER TABLE posts SET (autovacuum_vacuum_threshold = 5, autovacuum_vacuum_scale_factor = 0, "
+            "autovacuum_analyze_threshold = 5, autovacuum_analyze_scale_factor = 0)")
+
+
+async def forever(step: Callable[[], Awaitable[Any]], stop: asyncio.Event, pause: float = 0.0) -> None:
+    while not stop.is_set():
+        await step()
+        if pause:
+            await asyncio.sleep(pause)
+
+
+@contextlib.asynccontextmanager
+async def background(*coros: Awaitable[Any]) -> AsyncIterator[None]:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- the test -------------------------------------------------------------------------------------
+def dashboard_variables(uid: str) -> dict[str, str]:
+    common = {"datasource": "prometheus", "job": "pgcache-exporter", "datname": "postgres",
+              "cache_target": "cache", "namespace": "user_stats"}
+    return {**common, "target": "cache" if uid == "pgcache-cache" else "main"}
+
+
+async def empty_dashboard_queries(p: Prometheus, pg_major: int) -> list[str]:
+    fams = promql.exposed()
+    empty = []
+    for path in promql.dashboard_files():
+        board = promql.load(path)
+        for q in promql.queries(board):
+            names = promql.metric_names(q.expr)
+            if any(fams.get(n, {}).get("min_postgres", 0) > pg_major for n in names):
+                continue  # e.g. last_idx_scan: PostgreSQL 16+
+            expr = promql.fill(q.expr, dashboard_variables(board["uid"]))
+            if not await p.query(expr):
+                empty.append(f"{q.dashboard} {q.where}: {expr}")
+    return empty
+
+
+def check_exposition(body: str, pg_major: int) -> None:
+    """exposed_metrics.json is exactly what the exporter exposes (names, types, labels)."""
+    expected = promql.exposed()
+    seen: dict[str, dict[str, Any]] = {}
+    for fam in text_string_to_metric_families(body):
+        name = fam.name + ("_total" if fam.type == "counter" else "")
+        labels: set[str] = set()
+        for s in fam.samples:
+            labels |= set(s.labels) - {"le"}
+        seen[name] = {"type": fam.type, "labels": sorted(labels), "samples": len(fam.samples)}
+    assert sorted(set(seen) - set(expected)) == [], "exposed but missing from exposed_metrics.json"
+    for name, want in expected.items():
+        if want.get("min_postgres", 0) > pg_major:
+            continue
+        assert name in seen, f"{name} is in exposed_metrics.json but not in /metrics"
+        got = seen[name]
+        assert got["type"] == want["type"], (name, got, want)
+        assert got["samples"], f"{name}: no samples in the end-to-end run"
+        assert got["labels"] == sorted(want["labels"]), (name, got["labels"], want["labels"])
+
+
+async def test_dashboards_and_alerts_against_a_real_prometheus(
+    pg_autovacuum: PostgresCluster, redis_private: RedisServer, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    pg, redis = pg_autovacuum, redis_private
+    engine = create_async_engine(asyncpg_url(pg.dsn), pool_size=10)
+    await prepare_database(pg, engine)
+    config = {
+        "postgres": [{"name": "main", "dsn": pg.dsn}],
+        "redis": [{"name": "cache", "url": redis.url}],
+        "collectors": fast_collectors(indexes={"unused_min_stats_age": "0s", "unused_min_size": "0"}),
+    }
+    stop = asyncio.Event()
+    storm = asyncio.Event()
+    try:
+        async with CachingService(redis.url, instance="e2e") as cache, running_daemon(config) as daemon:
+            await cache.redis.config_set("maxmemory", "512mb")  # so the memory-limit panels have data
+            repo = CachedUserRepository(async_sessionmaker(engine, expire_on_commit=False), cache)
+            hot_users = [int(u) for u in (await _user_ids(engine))[:5]]
+            # One entry that cannot be decoded: counted as a cache error (operation "decode").
+            await cache.redis.set(cache.key("user_stats", {"user_id": -1}), b"not a cache entry")
+            await cache.get_or_load("user_stats", {"user_id": -1}, _loaded)
+
+            async def hot_read() -> None:
+                for uid in hot_users:
+                    await repo.get_user_with_stats_cached(uid)
+
+            async def slow() -> None:
+                async with engine.connect() as conn:
+                    await conn.execute(text(SLOW_SQL), {"pause": 0.6})
+
+            counter = iter(range(10**9))
+
+            async def miss() -> None:
+                if storm.is_set():
+                    await cache.get_or_load("user_stats", {"user_id": 1, "storm": next(counter)}, _loaded)
+                else:
+                    await asyncio.sleep(0.05)
+
+            assert daemon.bound is not None
+            host, port = daemon.bound
+            with prometheus_server(tmp_path, f"{host}:{port}") as prom:
+                async with background(
+                    run_workload(engine, cache, stop=stop, rate=20, seed=5),
+                    forever(hot_read, stop, pause=0.2),
+                    forever(slow, stop), forever(slow, stop),
+                    *(forever(miss, stop) for _ in range(4)),
+                ):
+                    await prometheus_ready(prom)
+
+                    # The statement slowed on purpose (0.6 s per call) fires, with its text.
+                    async def slow_alert() -> list[dict[str, str]]:
+                        return [a for a in await prom.alerts("PgcacheSlowStatement") if "pg_sleep" in a.get("query", "")]
+
+                    (fired,) = await wait_for(slow_alert, timeout=45, what="PgcacheSlowStatement firing")
+                    assert fired["target"] == "main" and fired["datname"] == "postgres", fired
+
+                    # The index nobody uses fires.
+                    async def unused_alert() -> list[dict[str, str]]:
+                        return [a for a in await prom.alerts("PgcacheUnusedIndex") if a["index"] == UNUSED_INDEX]
+
+                    (fired,) = await wait_for(unused_alert, timeout=30, what="PgcacheUnusedIndex firing")
+                    assert fired["table"] == "users", fired
+
+                    # Every dashboard query (and variable) returns at least one series.
+                    last: list[str] = []
+
+                    async def all_queries_answer() -> bool:
+                        nonlocal last
+                        last = await empty_dashboard_queries(prom, pg.major)
+                        return not last
+
+                    with contextlib.suppress(AssertionError):
+                        await wait_for(all_queries_answer, timeout=20, what="dashboard queries")
+                    assert last == [], "dashboard queries without data:\n" + "\n".join(last)
+
+                    # exposed_metrics.json is what the exporter really exposes.
+                    async def exposition_matches() -> bool:
+                        nonlocal problem
+                        status, body = await fetch(daemon)
+                        assert status == 200
+                        try:
+                            check_exposition(body, pg.major)
+                        except AssertionError as e:
+                            problem = str(e)
+                            return False
+                        problem = ""
+                        return True
+
+                    problem = ""
+                    with contextlib.suppress(AssertionError):
+                        await wait_for(exposition_matches, timeout=30, what="exposition")
+                    assert not problem, problem
+
+                    # Cache hit ratio: healthy before, alert during a miss storm, clear after it.
+                    assert await prom.alerts("PgcacheCacheHitRatioLow") == []
+                    storm.set()
+
+                    async def ratio_alert() -> list[dict[str, str]]:
+                        return [a for a in await prom.alerts("PgcacheCacheHitRatioLow") if a["namespace"] == "user_stats"]
+
+                    await wait_for(ratio_alert, timeout=30, what="PgcacheCacheHitRatioLow firing")
+                    storm.clear()
+
+                    async def ratio_clear() -> bool:
+                        return not await prom.alerts("PgcacheCacheHitRatioLow", state="firing") and not \
+                            await prom.alerts("PgcacheCacheHitRatioLow", state="pending")
+
+                    await wait_for(ratio_clear, timeout=40, what="PgcacheCacheHitRatioLow cleared")
+                    stop.set()
+    finally:
+        stop.set()
+        await engine.dispose()
+    print(f"end to end: {time.monotonic() - started:.1f}s")
+
+
+async def _loaded() -> dict[str, int]:
+    return {"loaded": 1}
+
+
+async def _user_ids(engine: AsyncEngine) -> list[int]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(text("SELECT id FROM users ORDER BY id LIMIT 50"))).scalars())
+
