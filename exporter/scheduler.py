@@ -46,6 +46,7 @@ async def run_job(job: Job, snapshot: Snapshot) -> bool:
     start = time.monotonic()
     result: CollectResult | None = None
     reachable: bool | None = None
+    bug: Exception | None = None
     try:
         async with asyncio.timeout(job.timeout):
             result = await job.collector.collect()
@@ -59,7 +60,7 @@ async def run_job(job: Job, snapshot: Snapshot) -> bool:
         error, reachable = str(e), True
     except Exception as e:  # a bug in a collector: count it, show it, keep going
         error = f"target {target}: collector {name} failed unexpectedly: {type(e).__name__}: {e}"
-        log.exception("collector %s of target %s raised", name, target)
+        bug = e
     duration = time.monotonic() - start
     if error is not None:
         error = redactor(error)
@@ -70,6 +71,8 @@ async def run_job(job: Job, snapshot: Snapshot) -> bool:
     if error != job.last_error:
         if error is None:
             log.info("target %s: collector %s recovered", target, name)
+        elif bug is not None:  # the traceback once, not on every run
+            log.error("%s", error, exc_info=bug)
         else:
             log.warning("%s", error)
         job.last_error = error
