@@ -685,6 +685,9 @@ def render(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+ANALYSIS_MARKER = "<!-- analysis: hand-written, kept across runs; check it against the numbers above -->"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tables", type=int, default=2000)
@@ -734,7 +737,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res = run(opts)
         res["command"] = command
-    out.write_text(render(res, command))
+    # Hand-written analysis below the marker survives a re-run (the numbers above it do not).
+    kept = ""
+    if out.exists() and ANALYSIS_MARKER in out.read_text():
+        kept = out.read_text().split(ANALYSIS_MARKER, 1)[1]
+    out.write_text(render(res, command) + "\n" + ANALYSIS_MARKER + kept)
     out.with_name(out.stem.lower() + ".json").write_text(json.dumps(res, indent=1, default=str))
     log(f"wrote {out}")
     for label, value, ok in target_checks(res):
