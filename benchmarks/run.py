@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -159,10 +160,11 @@ class Exporter:
 
     def start(self, workdir: Path, timeout: float = 120) -> Exporter:
         self.logfile = workdir / f"{self.name.replace(' ', '_')}-{self.port}.log"
-        self.proc = subprocess.Popen(
-            self.argv, env={**os.environ, **self.env}, stdout=self.logfile.open("wb"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with self.logfile.open("wb") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.argv, env={**os.environ, **self.env}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -452,6 +454,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         for e in exporters:
             e.stop()
         cluster.remove()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     scale_results: list[RoundResult] = []
     for n in opts.scale:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import shutil
 import sys
 from pathlib import Path
 
