@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import yaml
 from daemon_harness import fast_collectors, fetch, running_daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_harness import Prometheus, prometheus_ready, prometheus_server
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -32,76 +29,13 @@ from exporter.demo.blog import (
     run_workload,
     seed_data,
 )
-from exporter.demo.servers import PostgresCluster, RedisServer, free_port
+from exporter.demo.servers import PostgresCluster, RedisServer
 
 from . import promql
 from .test_rules import ALERTS, load_short_rules
 
 UNUSED_INDEX = "idx_users_username_lower_unused"  # the demo schema's index nobody uses
 SLOW_SQL = "SELECT pg_sleep(:pause) /* made slow on purpose */"
-
-
-# -- Prometheus -----------------------------------------------------------------------------------
-class Prometheus:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    async def get(self, path: str, **params: str) -> Any:
-        async with aiohttp.ClientSession() as s, s.get(self.base + path, params=params) as r:
-            body = await r.json()
-            assert body["status"] == "success", body
-            return body["data"]
-
-    async def query(self, expr: str) -> list[dict[str, Any]]:
-        data = await self.get("/api/v1/query", query=expr)
-        assert data["resultType"] == "vector", data
-        return list(data["result"])
-
-    async def alerts(self, name: str, state: str = "firing") -> list[dict[str, str]]:
-        data = await self.get("/api/v1/alerts")
-        return [a["labels"] for a in data["alerts"] if a["labels"]["alertname"] == name and a["state"] == state]
-
-
-@contextlib.contextmanager
-def prometheus_server(tmp: Path, scrape_target: str) -> Iterator[Prometheus]:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        pytest.fail("prometheus not found: install Debian's `prometheus` package (.ci/run does)")
-    rules = load_short_rules().shorten_file(ALERTS, tmp / "alerts.short.yml", for_="2s", window="10s")
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-        "rule_files": [str(rules)],
-        "scrape_configs": [{"job_name": "pgcache-exporter", "static_configs": [{"targets": [scrape_target]}]}],
-    }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = open(tmp / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        yield Prometheus(f"http://127.0.0.1:{port}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-async def prometheus_ready(p: Prometheus) -> None:
-    async def ready() -> bool:
-        try:
-            async with aiohttp.ClientSession() as s, s.get(p.base + "/-/ready") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_for(ready, timeout=20, what="Prometheus ready")
 
 
 @pytest.fixture
@@ -232,7 +166,8 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(
 
             assert daemon.bound is not None
             host, port = daemon.bound
-            with prometheus_server(tmp_path, f"{host}:{port}") as prom:
+            rules = load_short_rules().shorten_file(ALERTS, tmp_path / "alerts.short.yml", for_="2s", window="10s")
+            with prometheus_server(tmp_path, f"{host}:{port}", [rules]) as prom:
                 async with background(
                     run_workload(engine, cache, stop=stop, rate=20, seed=5),
                     forever(hot_read, stop, pause=0.2),
