@@ -91,7 +91,10 @@ class Scheduler:
         assert task is not None
         self._running.add(task)  # type: ignore[arg-type]
         try:
-            return await run_job(job, self.snapshot)
+            ok = await run_job(job, self.snapshot)
+            # Join and gzip the new version now, in a thread, so no scrape pays for it.
+            await asyncio.to_thread(self.snapshot.prepare)
+            return ok
         finally:
             self._running.discard(task)  # type: ignore[arg-type]
 

@@ -1,8 +1,10 @@
 """The latest metric families of every (target, collector), rendered once per change.
 
 A finished run replaces its part whole (so a label set that vanished from the database vanishes
-from /metrics), the part is rendered to exposition text right away, and a scrape only joins the
-ready parts: it never waits on a database and never re-renders what did not change.
+from /metrics). The part is rendered right away and only the rendered bytes are kept (the metric
+objects are dropped: they cost several times the text). After each change the parts are joined
+and gzipped once, off the request path (`prepare`), so a scrape only hands out ready bytes: it never
+waits on a database and never re-renders what did not change.
 """
 
 from __future__ import annotations
@@ -10,21 +12,16 @@ from __future__ import annotations
 import gzip
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import cast
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client.core import Metric
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from prometheus_client.utils import floatToGoString as _float_to_go_string
 
-from .collector import CollectResult, merge_families
+from .collector import CollectResult
 
-__all__ = ["CollectorStatus", "Snapshot", "render_text"]
+__all__ = ["CollectorStatus", "Snapshot", "render_openmetrics", "render_text"]
 
 Key = tuple[str, str]  # (target, collector)
-floatToGoString = cast(Callable[[float], str], _float_to_go_string)
-render_openmetrics = cast(Callable[[object], bytes], generate_openmetrics)
 
 
 @dataclass
@@ -44,101 +41,112 @@ class CollectorStatus:
     dropped_total: int = 0
 
 
-@dataclass
-class _Part:
-    """One source's families, pre-rendered: name -> (HELP/TYPE header, sample lines)."""
+# -- rendering -----------------------------------------------------------------------------------
 
-    families: list[Metric]
-    rendered: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+# A rendered family: HELP/TYPE lines for the text format, the same for OpenMetrics, and the sample
+# lines, which both formats share (a counter's samples are called <name>_total in both).
+Rendered = tuple[bytes, bytes, bytes]
+Part = dict[str, Rendered]
 
-
-# -- text format 0.0.4 ---------------------------------------------------------------------------
+_INF, _NINF = float("inf"), float("-inf")
+_TEXT_TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram",
+               "summary": "summary", "info": "gauge"}
+_OM_TYPES = {"counter", "gauge", "histogram", "summary", "info"}
 
 
 def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
 
 
 def _escape_help(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _exposed_name(fam: Metric) -> tuple[str, str]:
-    """(name on the HELP/TYPE lines, type) as the text format wants them."""
-    if fam.type == "counter":
-        return fam.name + "_total", "counter"
-    if fam.type == "info":
-        return fam.name + "_info", "gauge"
-    if fam.type in ("gauge", "histogram", "summary"):
-        return fam.name, fam.type
-    return fam.name, "untyped"
+def _format_value(value: float) -> str:
+    # repr() is exact and fast; only the special values need the exposition's spelling.
+    if value != value:
+        return "NaN"
+    if value == _INF:
+        return "+Inf"
+    if value == _NINF:
+        return "-Inf"
+    return repr(float(value))
 
 
-def _render_family(fam: Metric) -> tuple[str, bytes, bytes]:
-    name, typ = _exposed_name(fam)
-    header = f"# HELP {name} {_escape_help(fam.documentation)}\n# TYPE {name} {typ}\n"
+def _render_family(fam: Metric) -> tuple[str, Rendered]:
+    suffix = {"counter": "_total", "info": "_info"}.get(fam.type, "")
+    name = fam.name + suffix
+    doc = _escape_help(fam.documentation)
+    text_header = f"# HELP {name} {doc}\n# TYPE {name} {_TEXT_TYPES.get(fam.type, 'untyped')}\n"
+    om_name = fam.name if suffix else name
+    om_type = fam.type if fam.type in _OM_TYPES else "unknown"
+    om_header = f"# HELP {om_name} {doc}\n# TYPE {om_name} {om_type}\n"
+    # Label values repeat across thousands of samples (target, datname, schema): escape each once.
+    escaped: dict[str, str] = {}
     lines = []
     for s in fam.samples:
         if s.name.endswith("_created"):
             continue
         if s.labels:
-            labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in s.labels.items())
-            lines.append(f"{s.name}{{{labels}}} {floatToGoString(s.value)}\n")
+            pairs = []
+            for k, v in s.labels.items():
+                e = escaped.get(v)
+                if e is None:
+                    e = escaped[v] = _escape_label(v)
+                pairs.append(f'{k}="{e}"')
+            lines.append(f"{s.name}{{{','.join(pairs)}}} {_format_value(s.value)}\n")
         else:
-            lines.append(f"{s.name} {floatToGoString(s.value)}\n")
-    return name, header.encode(), "".join(lines).encode()
+            lines.append(f"{s.name} {_format_value(s.value)}\n")
+    return name, (text_header.encode(), om_header.encode(), "".join(lines).encode())
 
 
-def _render_part(families: Iterable[Metric]) -> dict[str, tuple[bytes, bytes]]:
-    out: dict[str, tuple[bytes, bytes]] = {}
+def render_part(families: Iterable[Metric]) -> Part:
+    out: Part = {}
     for fam in families:
-        name, header, body = _render_family(fam)
-        if name in out:  # the same family twice in one part: keep one header
-            out[name] = (out[name][0], out[name][1] + body)
-        else:
-            out[name] = (header, body)
+        name, rendered = _render_family(fam)
+        have = out.get(name)
+        # The same family twice in one part: one header, both bodies.
+        out[name] = rendered if have is None else (have[0], have[1], have[2] + rendered[2])
     return out
 
 
-def _join(parts: Iterable[dict[str, tuple[bytes, bytes]]]) -> bytes:
-    """One group per family name across all parts: header once, then every part's samples."""
+def join_parts(parts: Iterable[Part], *, openmetrics: bool = False) -> bytes:
+    """One group per family name across all parts: the header once, then every part's samples
+    (families with the same name from several targets form one group, as the format requires)."""
+    which = 1 if openmetrics else 0
     groups: dict[str, list[bytes]] = {}
-    for rendered in parts:
-        for name, (header, body) in rendered.items():
+    for part in parts:
+        for name, r in part.items():
             group = groups.get(name)
             if group is None:
-                groups[name] = [header, body]
+                groups[name] = [r[which], r[2]]
             else:
-                group.append(body)
-    return b"".join(b"".join(g) for g in groups.values())
+                group.append(r[2])
+    body = b"".join(b"".join(g) for g in groups.values())
+    return body + b"# EOF\n" if openmetrics else body
 
 
 def render_text(families: Iterable[Metric]) -> bytes:
     """Families -> Prometheus text exposition format 0.0.4."""
-    return _join([_render_part(families)])
+    return join_parts([render_part(families)])
+
+
+def render_openmetrics(families: Iterable[Metric]) -> bytes:
+    """Families -> OpenMetrics 1.0 text."""
+    return join_parts([render_part(families)], openmetrics=True)
 
 
 # -- the store -----------------------------------------------------------------------------------
 
 
-class _Registry:
-    """The minimal registry interface prometheus_client's OpenMetrics renderer needs."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._families)
-
-
 class Snapshot:
-    """Thread-safe store of the latest parts plus the exporter's own status table."""
-
-    SELF = ("", "self")
+    """Thread-safe store of the latest rendered parts plus the exporter's own status table."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._parts: dict[Key, _Part] = {}
+        self._parts: dict[Key, Part] = {}
         self.status: dict[Key, CollectorStatus] = {}
         self.up: dict[str, bool] = {}
         self._version = 0
@@ -151,7 +159,7 @@ class Snapshot:
         """Keep the parts and status of the jobs that still exist; forget the others."""
         with self._lock:
             wanted = {(t, c): iv for t, c, iv in jobs}
-            self._parts = {k: p for k, p in self._parts.items() if k in wanted or k == self.SELF}
+            self._parts = {k: p for k, p in self._parts.items() if k in wanted}
             status = {}
             for key, interval in wanted.items():
                 st = self.status.get(key) or CollectorStatus(key[0], key[1], interval)
@@ -159,7 +167,8 @@ class Snapshot:
                 status[key] = st
             self.status = status
             # pgcache_up appears after a target's first run: unknown is not "down".
-            self.up = {t: ok for t, ok in self.up.items() if t in set(targets)}
+            keep = set(targets)
+            self.up = {t: ok for t, ok in self.up.items() if t in keep}
             self._version += 1
 
     # -- results -------------------------------------------------------------------------------
@@ -176,7 +185,7 @@ class Snapshot:
         """Store one finished run. `result` None keeps the previous families (a failed run
         shows as pgcache_collector_success 0 rather than as vanished series)."""
         key = (target, collector)
-        part = _Part(result.families, _render_part(result.families)) if result is not None else None
+        part = render_part(result.families) if result is not None else None
         with self._lock:
             st = self.status.get(key)
             if st is None:  # the job was removed by a reload while it ran
@@ -211,21 +220,20 @@ class Snapshot:
             return all(st.runs > 0 for st in self.status.values())
 
     # -- exposition ----------------------------------------------------------------------------
-    def _self_part(self) -> _Part:
+    def _parts_now(self) -> tuple[int, list[Part]]:
+        """The current version and every part, the exporter's own metrics first (under the lock)."""
         from .selfmetrics import self_families  # late: selfmetrics imports this module's types
 
-        fams = self_families(list(self.status.values()), dict(self.up))
-        return _Part(fams, _render_part(fams))
+        own = render_part(self_families(list(self.status.values()), dict(self.up)))
+        return self._version, [own] + [p for _, p in sorted(self._parts.items())]
 
     def text(self) -> bytes:
         with self._lock:
             cached = self._text
             if cached is not None and cached[0] == self._version:
                 return cached[1]
-            version = self._version
-            parts = [p.rendered for k, p in sorted(self._parts.items())]
-            parts.insert(0, self._self_part().rendered)
-            body = _join(parts)
+            version, parts = self._parts_now()
+            body = join_parts(parts)
             self._text = (version, body)
             return body
 
@@ -238,23 +246,21 @@ class Snapshot:
             version = self._version
         data = gzip.compress(body, compresslevel=5)
         with self._lock:
-            self._gzip = (version, data)
+            if version == self._version:
+                self._gzip = (version, data)
         return data
+
+    def prepare(self) -> None:
+        """Join and gzip the current version now (called after a run, off the request path),
+        so the next scrape only hands out bytes."""
+        self.text_gzip()
 
     def openmetrics(self) -> bytes:
         with self._lock:
             cached = self._openmetrics
             if cached is not None and cached[0] == self._version:
                 return cached[1]
-            version = self._version
-            groups = [self._self_part().families] + [p.families for _, p in sorted(self._parts.items())]
-        body = render_openmetrics(_Registry(merge_families(groups)))
-        with self._lock:
+            version, parts = self._parts_now()
+            body = join_parts(parts, openmetrics=True)
             self._openmetrics = (version, body)
-        return body
-
-    def families(self) -> list[Metric]:
-        """Every family as one merged list (for `once` in OpenMetrics and for tests)."""
-        with self._lock:
-            groups = [self._self_part().families] + [p.families for _, p in sorted(self._parts.items())]
-        return merge_families(groups)
+            return body
