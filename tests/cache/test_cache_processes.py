@@ -11,9 +11,13 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
+from daemon_harness import fast_collectors, fetch, next_round, running_daemon
+from metrics_text import samples, types, value
 
 from exporter.cache.collector import CacheCollector
 from exporter.config import CacheSettings, RedisTargetConfig
+from exporter.demo.servers import free_port
+from exporter.errors import ConnectError
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -46,22 +50,21 @@ def test_four_processes_load_once(redis_url: str) -> None:
     assert int(stats.get(b"lock_waits|stampede", 0)) == int(stats[b"misses|stampede"]) - 1
 
 
-async def test_counters_of_three_processes_add_up_in_the_collector(redis_url: str) -> None:
+async def test_counters_of_three_processes_add_up_in_the_daemons_metrics(redis_url: str) -> None:
     procs = [p for i in range(3) for p in _run("counters", redis_url, "app:stats", str(i))]
     _finish(procs)
-    cfg = RedisTargetConfig(name="cache", url=redis_url, stats_key="app:stats")  # type: ignore[arg-type]
-    collector = CacheCollector(cfg, CacheSettings())
-    try:
-        result = await collector.collect()
-    finally:
-        await collector.close()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in result.families for s in fam.samples
-    }
+    off = {k: {"enabled": False} for k in ("activity", "statements", "indexes", "tables", "database")}
+    config = {"redis": [{"name": "cache", "url": redis_url, "stats_key": "app:stats"}],
+              "collectors": {**fast_collectors(), **off}}
+    async with running_daemon(config) as daemon:
+        await next_round(daemon, "cache")
+        _, body = await fetch(daemon)
+    assert types(body)["pgcache_cache_load_duration_seconds"] == "histogram"
 
     def get(name: str, **labels: str) -> float:
-        return samples[(name, tuple(sorted({"target": "cache", **labels}.items())))]
+        found = value(body, name, target="cache", **labels)
+        assert found is not None, (name, labels)
+        return found
 
     per_proc = [3 + i for i in range(3)]  # misses, loads and hits of process i
     assert get("pgcache_cache_misses_total", namespace="proc") == sum(per_proc) == 12
@@ -75,15 +78,12 @@ async def test_counters_of_three_processes_add_up_in_the_collector(redis_url: st
     assert get("pgcache_redis_up") == 1
     assert get("pgcache_redis_keyspace_hits_total") >= 12
     assert get("pgcache_redis_connected_clients") >= 1
-    assert result.dropped == 0
+    assert get("pgcache_series_dropped_total", collector="cache") == 0
     # Every instance closed cleanly, so none is left in the flush-time gauge.
-    assert not [k for k in samples if k[0] == "pgcache_cache_stats_flush_timestamp_seconds"]
+    assert samples(body, "pgcache_cache_stats_flush_timestamp_seconds") == []
 
 
 async def test_unreachable_redis_is_a_connect_error_without_secrets() -> None:
-    from exporter.demo.servers import free_port
-    from exporter.errors import ConnectError
-
     url = f"redis://:s3cret-pass@127.0.0.1:{free_port()}/0"
     cfg = RedisTargetConfig(name="down", url=url)  # type: ignore[arg-type]
     collector = CacheCollector(cfg, CacheSettings(timeout=1))
