@@ -204,46 +204,41 @@ async def redundant_indexes_report(
     return out[:limit] if limit > 0 else out
 
 
+# The columns every index table starts with, and the ones it ends with.
+_SIZE = Column("SIZE", lambda r: format_bytes(r.size_bytes), ">")
+_SCANS = Column("SCANS", lambda r: format_count(r.scans), ">")
+_DATABASE = Column("DATABASE", lambda r: r.datname, flex=True, min_width=8)
+_INDEX = Column("INDEX", lambda r: f"{r.schema}.{r.index}", flex=True, min_width=16)
+_TABLE = Column("TABLE", lambda r: r.table, flex=True, min_width=10)
+_WHY = Column("WHY", lambda r: r.reason, flex=True, min_width=30)
+
+
+def _to_review(drops: Sequence[str]) -> str:
+    """The DROP statements to review under a table; the commands themselves never drop."""
+    return "\nTo review (this command drops nothing):\n" + "".join(f"{d}\n" for d in drops) if drops else ""
+
+
 def unused_table(rows: Sequence[UnusedIndex], width: int | None = None) -> str:
     if not rows:
         return ""
-    table = render_table(rows, [
-        Column("SIZE", lambda r: format_bytes(r.size_bytes), ">"),
-        Column("SCANS", lambda r: format_count(r.scans), ">"),
-        Column("DATABASE", lambda r: r.datname, flex=True, min_width=8),
-        Column("INDEX", lambda r: f"{r.schema}.{r.index}", flex=True, min_width=16),
-        Column("TABLE", lambda r: r.table, flex=True, min_width=10),
-        Column("WHY", lambda r: r.reason, flex=True, min_width=30),
-    ], width)
-    drops = "".join(f"{r.drop_statement}  -- {r.datname}\n" for r in rows)
-    return f"{table}\nTo review (this command drops nothing):\n{drops}"
+    table = render_table(rows, [_SIZE, _SCANS, _DATABASE, _INDEX, _TABLE, _WHY], width)
+    return table + _to_review([f"{r.drop_statement}  -- {r.datname}" for r in rows])
 
 
 def verdict_table(rows: Sequence[IndexVerdict], width: int | None = None) -> str:
     if not rows:
         return "no indexes on these tables\n"
-    table = render_table(rows, [
-        Column("SIZE", lambda r: format_bytes(r.size_bytes), ">"),
-        Column("SCANS", lambda r: format_count(r.scans), ">"),
-        Column("UNUSED", lambda r: "yes" if r.unused_candidate else "no"),
-        Column("INDEX", lambda r: f"{r.schema}.{r.index}", flex=True, min_width=16),
-        Column("TABLE", lambda r: r.table, flex=True, min_width=10),
-        Column("WHY", lambda r: r.reason, flex=True, min_width=30),
-    ], width)
-    drops = "".join(f"{r.drop_statement}\n" for r in rows if r.drop_statement)
-    return table + (f"\nTo review (this command drops nothing):\n{drops}" if drops else "")
+    unused = Column("UNUSED", lambda r: "yes" if r.unused_candidate else "no")
+    table = render_table(rows, [_SIZE, _SCANS, unused, _INDEX, _TABLE, _WHY], width)
+    return table + _to_review([r.drop_statement for r in rows if r.drop_statement])
 
 
 def redundant_table(rows: Sequence[RedundantIndex], width: int | None = None) -> str:
     if not rows:
         return "no redundant indexes\n"
     table = render_table(rows, [
-        Column("SIZE", lambda r: format_bytes(r.size_bytes), ">"),
-        Column("SCANS", lambda r: format_count(r.scans), ">"),
-        Column("DATABASE", lambda r: r.datname, flex=True, min_width=8),
-        Column("INDEX", lambda r: f"{r.schema}.{r.index}", flex=True, min_width=16),
+        _SIZE, _SCANS, _DATABASE, _INDEX,
         Column("COVERED BY", lambda r: r.covered_by, flex=True, min_width=16),
         Column("DEFINITION", lambda r: r.definition, flex=True, min_width=30),
     ], width)
-    drops = "".join(f"{r.drop_statement}  -- covered by {r.covered_by}\n" for r in rows)
-    return f"{table}\nTo review (this command drops nothing):\n{drops}"
+    return table + _to_review([f"{r.drop_statement}  -- covered by {r.covered_by}" for r in rows])
