@@ -3,6 +3,7 @@ every watched database; the top `limit` tables by total size, the rest counted a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,8 +146,12 @@ class TablesCollector(PostgresCollector):
         self.limit = settings.limit
 
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
-        rows = [TableRow.from_mapping(m) for m in (await conn.execute(text(TABLES_SQL))).mappings()]
-        families, dropped = table_families(
-            self.target, datname or self.pg.default_database, rows, self.limit
-        )
+        mappings = (await conn.execute(text(TABLES_SQL))).mappings().all()
+
+        def build() -> tuple[list[Metric], int]:
+            rows = [TableRow.from_mapping(m) for m in mappings]
+            return table_families(self.target, datname or self.pg.default_database, rows, self.limit)
+
+        # Thousands of rows: build the families off the event loop, so scrapes are not held up.
+        families, dropped = await asyncio.to_thread(build)
         return CollectResult(families, dropped=dropped)
