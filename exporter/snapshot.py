@@ -153,6 +153,7 @@ class Snapshot:
         self._text: tuple[int, bytes] | None = None
         self._gzip: tuple[int, bytes] | None = None
         self._openmetrics: tuple[int, bytes] | None = None
+        self._served: tuple[int, bytes, bytes] | None = None  # version, text, gzipped text
 
     # -- configuration -------------------------------------------------------------------------
     def configure(self, jobs: Iterable[tuple[str, str, float]], targets: Iterable[str]) -> None:
@@ -251,9 +252,26 @@ class Snapshot:
         return data
 
     def prepare(self) -> None:
-        """Join and gzip the current version now (called after a run, off the request path),
-        so the next scrape only hands out bytes."""
-        self.text_gzip()
+        """Join and gzip the current version (called in a thread after every run), and make it
+        what scrapes are served."""
+        with self._lock:
+            version = self._version
+        text, zipped = self.text(), self.text_gzip()
+        with self._lock:
+            if self._served is None or self._served[0] <= version:
+                self._served = (version, text, zipped)
+
+    def served(self, *, gzipped: bool) -> bytes:
+        """What a scrape gets: the last prepared version, never computed on the request path
+        (only before the very first preparation)."""
+        with self._lock:
+            served = self._served
+        if served is None:
+            self.prepare()
+            with self._lock:
+                served = self._served
+            assert served is not None
+        return served[2] if gzipped else served[1]
 
     def openmetrics(self) -> bytes:
         with self._lock:

@@ -29,8 +29,8 @@ async def metrics(request: web.Request) -> web.Response:
     headers = {"Content-Type": TEXT_CONTENT_TYPE}
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         headers["Content-Encoding"] = "gzip"
-        return web.Response(body=snap.text_gzip(), headers=headers)
-    return web.Response(body=snap.text(), headers=headers)
+        return web.Response(body=snap.served(gzipped=True), headers=headers)
+    return web.Response(body=snap.served(gzipped=False), headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
