@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Callable
 
 from aiohttp import web
@@ -21,7 +22,7 @@ from .postgres.engine import PostgresTarget
 from .postgres.indexes import IndexesCollector
 from .postgres.statements import StatementsCollector
 from .postgres.tables import TablesCollector
-from .scheduler import Job, Scheduler, run_job
+from .scheduler import CollectionLoop, Job, Scheduler, run_job
 from .snapshot import Snapshot
 from .web import make_app
 from .webconfig import WebSecurity
@@ -29,6 +30,8 @@ from .webconfig import WebSecurity
 __all__ = ["POSTGRES_COLLECTORS", "Daemon", "build_jobs"]
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL = 0.001
 
 # Collector name (the key under `collectors:` in the config) -> class, for PostgreSQL targets.
 POSTGRES_COLLECTORS: dict[str, type[PostgresCollector]] = {
@@ -87,6 +90,8 @@ class Daemon:
         self.security.load()
         self.snapshot = Snapshot()
         self.scheduler = Scheduler(self.snapshot)
+        # Collection runs on its own loop and thread; this one only serves HTTP and signals.
+        self._collection = CollectionLoop()
         self._targets: list[PostgresTarget] = []
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -94,12 +99,15 @@ class Daemon:
         self.bound: tuple[str, int] | None = None
 
     async def _apply(self, config: Config) -> None:
+        """On the collection loop: targets, jobs, snapshot layout, schedule."""
         redactor.add_secrets(config.secrets())
         targets, jobs = build_jobs(config)
         self.snapshot.configure(
             [(j.collector.target, j.collector.name, j.interval) for j in jobs],
             [name for name, _ in target_kinds(config)],
         )
+        # Removed targets and jobs leave what scrapes are served now, not at the next run.
+        await asyncio.to_thread(self.snapshot.prepare)
         self._targets = targets
         self.config = config
         self.scheduler.start(jobs)
@@ -107,8 +115,27 @@ class Daemon:
             "collecting from %d target(s) with %d job(s)", len(target_kinds(config)), len(jobs)
         )
 
+    async def _swap(self, config: Config) -> None:
+        """On the collection loop: stop the old jobs and pools, apply the new config."""
+        await self.scheduler.stop()
+        old_targets = self._targets
+        await self._apply(config)
+        for t in old_targets:
+            await t.dispose()
+
+    async def _shutdown(self) -> None:
+        """On the collection loop: stop the jobs, close the pools."""
+        await self.scheduler.stop()
+        for t in self._targets:
+            await t.dispose()
+        self._targets = []
+
     async def start(self) -> None:
-        await self._apply(self.config)
+        # The HTTP loop asks for the interpreter several times per scrape; with collection busy in
+        # other threads, a shorter switch interval (default 5 ms) keeps each wait short.
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        self._collection.start()
+        await self._collection.run(self._apply(self.config))
         app = make_app(
             self.snapshot, lambda: target_kinds(self.config), [self.security.middleware]
         )
@@ -142,19 +169,13 @@ class Daemon:
                 log.warning("web.* settings changed: they take effect at the next restart")
                 new = new.model_copy(update={"web": self.config.web})
             setup_logging(new.log.level, new.log.format)
-            await self.scheduler.stop()
-            old_targets = self._targets
-            await self._apply(new)
-            for t in old_targets:
-                await t.dispose()
+            await self._collection.run(self._swap(new))
             log.info("configuration reloaded")
             return True
 
     async def stop(self) -> None:
-        await self.scheduler.stop()
-        for t in self._targets:
-            await t.dispose()
-        self._targets = []
+        await self._collection.run(self._shutdown())
+        self._collection.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

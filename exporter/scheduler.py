@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -18,9 +21,11 @@ from .errors import CollectError, ConnectError
 from .logs import redactor
 from .snapshot import Snapshot
 
-__all__ = ["Job", "Scheduler", "run_job"]
+__all__ = ["CollectionLoop", "Job", "Scheduler", "run_job"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,7 +72,10 @@ async def run_job(job: Job, snapshot: Snapshot) -> bool:
     if reachable is False:
         # The target is gone: its last figures are no longer true. pgcache_up says why.
         snapshot.drop_part(target, name)
-    snapshot.record(target, name, result=result, duration=duration, error=error, reachable=reachable)
+    # Rendering thousands of series is CPU work: do it in a thread, off the event loop.
+    await asyncio.to_thread(
+        snapshot.record, target, name, result=result, duration=duration, error=error, reachable=reachable
+    )
     if error != job.last_error:
         if error is None:
             log.info("target %s: collector %s recovered", target, name)
@@ -95,6 +103,10 @@ class Scheduler:
             # Join and gzip the new version now, in a thread, so no scrape pays for it.
             await asyncio.to_thread(self.snapshot.prepare)
             return ok
+        except asyncio.CancelledError:
+            # Only stop() cancels a job (shutdown or reload); that is not an error to report.
+            log.debug("job %s cancelled while running", job.id)
+            return False
         finally:
             self._running.discard(task)  # type: ignore[arg-type]
 
@@ -131,3 +143,39 @@ class Scheduler:
         for job in self._jobs:
             await job.collector.close()
         self._jobs = []
+
+
+class CollectionLoop:
+    """An event loop of its own, in a thread, where the scheduler and every collector run.
+
+    Reading and decoding thousands of rows, and turning them into families, is CPU work that an
+    event loop cannot interleave; on the HTTP server's loop it would hold scrapes up. Here it only
+    competes for the interpreter, which switches threads every few milliseconds, so a scrape is
+    answered within milliseconds even while a big collection runs. The snapshot between the two
+    loops is thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="pgcache-collection", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        finally:
+            self._loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the collection loop and wait for it from the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
