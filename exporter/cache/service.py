@@ -198,8 +198,9 @@ class CachingService:
         seconds and added to each tag's set. Redis failures never fail the call."""
         key = self.key(namespace, params)
         ttl_s = self.default_ttl if ttl is None else _seconds(ttl, "ttl")
-        tags = tuple(tags)
         self._start()
+        # The hit path is every cached read an application makes: no work here that a hit does
+        # not need (the entry is decoded inline; tags are only looked at for a store).
         if self.breaker.allow():
             try:
                 raw = await self._redis.get(key)
@@ -208,22 +209,25 @@ class CachingService:
             else:
                 self.breaker.success()
                 if raw is not None:
-                    found = await self._decode_or_drop(namespace, key, raw)
-                    if found is not _MISSING:
-                        value, expires, delta = found
+                    try:
+                        value, expires, delta = self._decode(raw)
+                    except PayloadError as e:
+                        await self._drop(namespace, key, e)
+                    else:
                         now = time.time()
                         if self.stale_ttl and now >= expires:
                             self.stats.stale_served(namespace)
-                            self._refresh(key, namespace, loader, ttl_s, tags)
+                            self._refresh(key, namespace, loader, ttl_s, tuple(tags))
                         else:
                             self.stats.hit(namespace)
                             beta = self.early_refresh_beta
                             if beta and now - delta * beta * math.log(1.0 - random.random()) >= expires:
-                                self._refresh(key, namespace, loader, ttl_s, tags)
+                                self._refresh(key, namespace, loader, ttl_s, tuple(tags))
                         return value  # type: ignore[no-any-return]
                 self.stats.miss(namespace)
         else:
             self.stats.error(namespace, "breaker_open")
+        tags = tuple(tags)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._fill(key, namespace, loader, ttl_s, tags))
@@ -341,13 +345,17 @@ class CachingService:
         try:
             return self._decode(raw)
         except PayloadError as e:
-            log.warning("dropping cache entry %s: %s", key, e)
-            self.stats.error(ns, "decode")
-            try:  # best effort; if this fails too, the entry expires by itself
-                await self._redis.unlink(key)
-            except REDIS_ERRORS as e2:
-                self._failed(ns, "delete", e2)
+            await self._drop(ns, key, e)
             return _MISSING
+
+    async def _drop(self, ns: str, key: str, error: PayloadError) -> None:
+        """An entry that does not decode (or verify) is a miss, counted as an error, and deleted."""
+        log.warning("dropping cache entry %s: %s", key, error)
+        self.stats.error(ns, "decode")
+        try:  # best effort; if this fails too, the entry expires by itself
+            await self._redis.unlink(key)
+        except REDIS_ERRORS as e2:
+            self._failed(ns, "delete", e2)
 
     async def _store(
         self, key: str, ns: str, value: Any, ttl: float, tags: tuple[str, ...], load_seconds: float
