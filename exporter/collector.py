@@ -36,6 +36,11 @@ class Collector(ABC):
     async def collect(self) -> CollectResult:
         """Run one collection. Raise ConnectError, QueryError or anything else on failure."""
 
+    def unreachable_families(self) -> list[Metric]:
+        """What is still true while the target cannot be reached; it replaces the collector's
+        figures until the target answers again (default: nothing, pgcache_up says it all)."""
+        return []
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the collector holds (the target's pools are closed by their owner)."""
 

@@ -70,8 +70,9 @@ async def run_job(job: Job, snapshot: Snapshot) -> bool:
     if error is not None:
         error = redactor(error)
     if reachable is False:
-        # The target is gone: its last figures are no longer true. pgcache_up says why.
-        snapshot.drop_part(target, name)
+        # The target is gone: its last figures are no longer true (pgcache_up says why); only
+        # what the collector still knows for sure replaces them.
+        result = CollectResult(job.collector.unreachable_families())
     # Rendering thousands of series is CPU work: do it in a thread, off the event loop.
     await asyncio.to_thread(
         snapshot.record, target, name, result=result, duration=duration, error=error, reachable=reachable

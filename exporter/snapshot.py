@@ -209,11 +209,6 @@ class Snapshot:
                 self.up[target] = reachable
             self._version += 1
 
-    def drop_part(self, target: str, collector: str) -> None:
-        with self._lock:
-            if self._parts.pop((target, collector), None) is not None:
-                self._version += 1
-
     @property
     def ready(self) -> bool:
         """Every configured job has finished its first run (successfully or not)."""

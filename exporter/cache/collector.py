@@ -107,15 +107,21 @@ def _num(info: Mapping[str, Any], key: str) -> float:
         return 0.0
 
 
+def redis_up_family(target: str, up: bool) -> Metric:
+    fam = GaugeMetricFamily(
+        "pgcache_redis_up", "1 when the Redis target answered its last collection, 0 when it could not be reached.",
+        labels=["target"],
+    )
+    fam.add_metric([target], 1 if up else 0)
+    return fam
+
+
 def redis_families(target: str, infos: Sequence[Mapping[str, Any]]) -> list[Metric]:
     """The small Redis health set; on a cluster, summed over the masters."""
     def total(key: str) -> float:
         return sum(_num(i, key) for i in infos)
 
-    out: list[Metric] = []
-    up = GaugeMetricFamily("pgcache_redis_up", "1 when the Redis target answered.", labels=["target"])
-    up.add_metric([target], 1)
-    out.append(up)
+    out: list[Metric] = [redis_up_family(target, True)]
     for name, key, doc in (
         ("pgcache_redis_keyspace_hits", "keyspace_hits", "Successful key lookups in Redis (INFO keyspace_hits)."),
         ("pgcache_redis_keyspace_misses", "keyspace_misses", "Failed key lookups in Redis (INFO keyspace_misses)."),
@@ -152,6 +158,10 @@ class CacheCollector(Collector):
                 connect_timeout=timeout, max_connections=4,
             )
         return self._client
+
+    def unreachable_families(self) -> list[Metric]:
+        # pgcache_redis_up 0 while Redis cannot be reached: the PgcacheRedisDown alert needs it.
+        return [redis_up_family(self.target, False)]
 
     def _scrub(self, error: BaseException) -> str:
         text = f"{type(error).__name__}: {error}"

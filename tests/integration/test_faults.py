@@ -173,6 +173,13 @@ async def test_redis_down_restarted_and_flushed(pg: PostgresCluster, redis_priva
 
         redis_private.stop()
         await wait_for(lambda: d.snapshot.up.get("cache") is False, what="redis target down")
+        await next_round(d, "cache")
+        _, body = await fetch(d)
+        # What the PgcacheRedisDown alert reads; the figures Redis can no longer vouch for are gone.
+        assert value(body, "pgcache_redis_up", target="cache") == 0
+        assert value(body, "pgcache_up", target="cache") == 0
+        assert value(body, "pgcache_redis_memory_used_bytes", target="cache") is None
+        assert value(body, "pgcache_cache_hits_total", target="cache", namespace="users") is None
         redis_private.start()
         await wait_for(lambda: d.snapshot.up.get("cache") is True, what="redis target back")
         _, body = await fetch(d)
