@@ -7,7 +7,6 @@ the reports reuse them with the same SQL (`indexes_sql`, `STATS_AGE_SQL`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -282,16 +281,11 @@ class IndexesCollector(PostgresCollector):
 
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
         version = self.pg.server_version_num or 0
-        mappings = (await conn.execute(text(indexes_sql(version)))).mappings().all()
+        result = await conn.execute(text(indexes_sql(version)))
+        rows = [IndexRow.from_mapping(m) for m in result.mappings()]
         stats_age = (await conn.execute(text(STATS_AGE_SQL))).scalar()
-
-        def build() -> tuple[list[Metric], int]:
-            rows = [IndexRow.from_mapping(m) for m in mappings]
-            return index_families(
-                self.target, datname or self.pg.default_database, rows,
-                stats_age=stats_age, settings=self.index_settings, last_scan=version >= 160000,
-            )
-
-        # Thousands of rows: build the families off the event loop, so scrapes are not held up.
-        families, dropped = await asyncio.to_thread(build)
+        families, dropped = index_families(
+            self.target, datname or self.pg.default_database, rows,
+            stats_age=stats_age, settings=self.index_settings, last_scan=version >= 160000,
+        )
         return CollectResult(families, dropped=dropped)

@@ -11,7 +11,6 @@ and texts are fetched only for exported statements whose queryid has not been se
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -301,9 +300,7 @@ class StatementsCollector(PostgresCollector):
             raise QueryError(
                 f"target {self.target}, database {self.pg.default_database}: {describe_error(e)}"
             ) from None
-        mappings = result.mappings().all()
-        # Thousands of rows: convert them off the event loop, so scrapes are not held up.
-        rows = await asyncio.to_thread(lambda: [StatementRow.from_mapping(m) for m in mappings])
+        rows = [StatementRow.from_mapping(m) for m in result.mappings()]
 
         chosen = select_statements(rows, self._exported, self.limit)
         self._exported = {r.key for r in chosen}

@@ -3,7 +3,6 @@ every watched database; the top `limit` tables by total size, the rest counted a
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,12 +145,8 @@ class TablesCollector(PostgresCollector):
         self.limit = settings.limit
 
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
-        mappings = (await conn.execute(text(TABLES_SQL))).mappings().all()
-
-        def build() -> tuple[list[Metric], int]:
-            rows = [TableRow.from_mapping(m) for m in mappings]
-            return table_families(self.target, datname or self.pg.default_database, rows, self.limit)
-
-        # Thousands of rows: build the families off the event loop, so scrapes are not held up.
-        families, dropped = await asyncio.to_thread(build)
+        rows = [TableRow.from_mapping(m) for m in (await conn.execute(text(TABLES_SQL))).mappings()]
+        families, dropped = table_families(
+            self.target, datname or self.pg.default_database, rows, self.limit
+        )
         return CollectResult(families, dropped=dropped)
