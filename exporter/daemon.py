@@ -107,7 +107,7 @@ class Daemon:
             [name for name, _ in target_kinds(config)],
         )
         # Removed targets and jobs leave what scrapes are served now, not at the next run.
-        await asyncio.to_thread(self.snapshot.prepare)
+        self.snapshot.prepare()
         self._targets = targets
         self.config = config
         self.scheduler.start(jobs)

@@ -73,10 +73,7 @@ async def run_job(job: Job, snapshot: Snapshot) -> bool:
         # The target is gone: its last figures are no longer true (pgcache_up says why); only
         # what the collector still knows for sure replaces them.
         result = CollectResult(job.collector.unreachable_families())
-    # Rendering thousands of series is CPU work: do it in a thread, off the event loop.
-    await asyncio.to_thread(
-        snapshot.record, target, name, result=result, duration=duration, error=error, reachable=reachable
-    )
+    snapshot.record(target, name, result=result, duration=duration, error=error, reachable=reachable)
     if error != job.last_error:
         if error is None:
             log.info("target %s: collector %s recovered", target, name)
@@ -101,8 +98,8 @@ class Scheduler:
         self._running.add(task)  # type: ignore[arg-type]
         try:
             ok = await run_job(job, self.snapshot)
-            # Join and gzip the new version now, in a thread, so no scrape pays for it.
-            await asyncio.to_thread(self.snapshot.prepare)
+            # Join and gzip the new version now, on the collection thread: no scrape pays for it.
+            self.snapshot.prepare()
             return ok
         except asyncio.CancelledError:
             # Only stop() cancels a job (shutdown or reload); that is not an error to report.

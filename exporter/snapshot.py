@@ -247,7 +247,7 @@ class Snapshot:
         return data
 
     def prepare(self) -> None:
-        """Join and gzip the current version (called in a thread after every run), and make it
+        """Join and gzip the current version (on the collection thread, after every run), and make it
         what scrapes are served."""
         with self._lock:
             version = self._version
