@@ -161,6 +161,12 @@ class CollectionLoop:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_forever()
+            # As asyncio.run does: whatever is still pending (a query being cancelled, a pool
+            # closing) is cancelled and drained, so nothing dies with the loop half-done.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.run_until_complete(self._loop.shutdown_default_executor())
         finally:
