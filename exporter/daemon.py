@@ -71,6 +71,14 @@ def target_kinds(config: Config) -> list[tuple[str, str]]:
     return [(name, kind) for name, kind in kinds if config.shard.owns(name)]
 
 
+def lay_out(snapshot: Snapshot, config: Config, jobs: list[Job]) -> None:
+    """Tell the snapshot which jobs and targets exist now (the others are forgotten)."""
+    snapshot.configure(
+        [(j.collector.target, j.collector.name, j.interval) for j in jobs],
+        [name for name, _ in target_kinds(config)],
+    )
+
+
 def require_targets(config: Config) -> None:
     if not config.postgres and not config.redis:
         raise ConfigError(
@@ -102,10 +110,7 @@ class Daemon:
         """On the collection loop: targets, jobs, snapshot layout, schedule."""
         redactor.add_secrets(config.secrets())
         targets, jobs = build_jobs(config)
-        self.snapshot.configure(
-            [(j.collector.target, j.collector.name, j.interval) for j in jobs],
-            [name for name, _ in target_kinds(config)],
-        )
+        lay_out(self.snapshot, config, jobs)
         # Removed targets and jobs leave what scrapes are served now, not at the next run.
         self.snapshot.prepare()
         self._targets = targets
@@ -206,10 +211,7 @@ async def collect_once(config: Config, snapshot: Snapshot) -> bool:
     require_targets(config)
     redactor.add_secrets(config.secrets())
     targets, jobs = build_jobs(config)
-    snapshot.configure(
-        [(j.collector.target, j.collector.name, j.interval) for j in jobs],
-        [name for name, _ in target_kinds(config)],
-    )
+    lay_out(snapshot, config, jobs)
     try:
         results = await asyncio.gather(*(run_job(j, snapshot) for j in jobs))
     finally:

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.cache import CachingService
 from exporter.config import build_config
-from exporter.daemon import build_jobs, target_kinds
+from exporter.daemon import build_jobs, lay_out
 from exporter.demo.servers import PostgresCluster, RedisServer
 from exporter.scheduler import run_job
 from exporter.snapshot import Snapshot
@@ -77,8 +77,7 @@ async def test_soak_memory_and_series_stay_flat() -> None:
         })
         snapshot = Snapshot()
         targets, jobs = build_jobs(config)
-        snapshot.configure([(j.collector.target, j.collector.name, j.interval) for j in jobs],
-                           [n for n, _ in target_kinds(config)])
+        lay_out(snapshot, config, jobs)
         stop, ready = asyncio.Event(), asyncio.Event()
         churner = asyncio.create_task(churn(pg.dsn, redis.url, stop, ready))
         await asyncio.wait_for(ready.wait(), 30)
