@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     print("Ctrl-C removes the cluster.")
     try:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # A job started in the background by a shell ignores SIGINT; Ctrl-C must still clean up.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
