@@ -15,6 +15,7 @@ from ..postgres.statements import (
     HOW_TO_ENABLE,
     StatementRow,
     parse_extversion,
+    scrub_secrets,
     select_statements,
     statement_texts_sql,
     statements_sql,
@@ -81,7 +82,9 @@ async def slow_queries(
         texts: dict[int, str] = {}
         if ids:
             found = await conn.execute(text(statement_texts_sql(schema)), {"ids": ids})
-            texts = {qid: query for qid, query in found}
+            # The same scrubbing as the collector's query label: pg_stat_statements keeps
+            # CREATE ROLE ... PASSWORD '...' and connection strings verbatim.
+            texts = {qid: scrub_secrets(query) for qid, query in found if query is not None}
     return [SlowQuery.from_row(r, texts.get(r.queryid) if r.queryid is not None else None)
             for r in chosen]
 

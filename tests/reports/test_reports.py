@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -73,6 +74,21 @@ def test_slow_queries(pg: PostgresCluster, db: str, capsys: pytest.CaptureFixtur
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:5] == ["TOTAL", "MEAN", "CALLS", "ROWS", "HIT"]
     assert "FROM users" in lines[1] and "FROM small" in lines[2] and len(lines) == 3
+
+
+def test_slow_queries_never_show_password_literals(pg: PostgresCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    pg.psql("CREATE ROLE report_leak_check LOGIN PASSWORD 'Leak-Me-7'")
+    try:
+        code, out, _ = run_cli(capsys, "report", "slow-queries", "--limit", "0", "--format", "json",
+                               "--postgres-dsn", pg.dsn)
+        assert code == 0
+        created = [r for r in json.loads(out) if "report_leak_check" in (r["query"] or "")]
+        assert created and "PASSWORD '***'" in created[0]["query"]
+        assert "Leak-Me-7" not in out
+        code, out, _ = report(capsys, pg, "slow-queries", "--limit", "0")
+        assert code == 0 and "Leak-Me-7" not in out
+    finally:
+        pg.psql("DROP ROLE report_leak_check")
 
 
 def test_table_width_fits_the_terminal(
