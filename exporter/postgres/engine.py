@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -177,9 +176,3 @@ class PostgresTarget:
             )
             found = [r[0] for r in rows]
         return [d for d in found if sel.allows(d)]
-
-
-def redact_dsn(dsn: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for display only)."""
-    out = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password=)[^&\s]+", r"\1***", out)
