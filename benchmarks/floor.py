@@ -20,27 +20,14 @@ import asyncpg
 
 from exporter.config import build_config
 from exporter.daemon import build_jobs
-from exporter.postgres import activity as _activity
-from exporter.postgres.database import DATABASE_SQL
-from exporter.postgres.engine import APPLICATION_NAME
-from exporter.postgres.indexes import STATS_AGE_SQL, indexes_sql
-from exporter.postgres.statements import (
-    EXTENSION_SQL,
-    parse_extversion,
-    statements_info_sql,
-    statements_sql,
-)
-from exporter.postgres.tables import TABLES_SQL
+from exporter.definitions import builtin_definitions
+from exporter.postgres.queries import EXTENSIONS_SQL, sql_for
+from exporter.postgres.statements import EXTENSION_SQL
 
 __all__ = ["RoundResult", "measure_round_vs_floor", "ours_config"]
 
-# (Names as of this writing; older trees had them private.)
-LABEL_COLUMNS = _activity.LABEL_COLUMNS
-activity_sql = _activity.activity_sql
-_AGES_SQL = getattr(_activity, "AGES_SQL", None) or _activity._AGES_SQL  # noqa: SLF001
-_SETTINGS_SQL = getattr(_activity, "SETTINGS_SQL", None) or _activity._SETTINGS_SQL  # noqa: SLF001
-
-COLLECTORS = ("activity", "statements", "indexes", "tables", "database")
+# Every built-in PostgreSQL collector, from the definitions.
+COLLECTORS = tuple(d.name for d in builtin_definitions())
 
 
 def ours_config(dsn: str, intervals: dict[str, float] | None = None, listen: str | None = None,
@@ -48,12 +35,10 @@ def ours_config(dsn: str, intervals: dict[str, float] | None = None, listen: str
     """Our config for the benchmark: one target, the DSN's database only, every table and index
     exported (limits above the catalog), the statements collector at its default limit (200)."""
     intervals = intervals or {}
-    defaults = {"activity": 15, "statements": 30, "indexes": 300, "tables": 300, "database": 30}
-    timeouts = {"activity": 5, "statements": 10, "indexes": 30, "tables": 30, "database": 10}
     collectors: dict[str, dict] = {"cache": {"enabled": False}}
-    for c in COLLECTORS:
-        iv = intervals.get(c, defaults[c])
-        collectors[c] = {"interval": iv, "timeout": min(timeouts[c], iv)}
+    for d in builtin_definitions():
+        iv = intervals.get(d.name, d.interval)
+        collectors[d.name] = {"interval": iv, "timeout": min(d.timeout, iv)}
     collectors["tables"]["limit"] = 1_000_000
     collectors["indexes"]["limit"] = 1_000_000
     cfg: dict = {
@@ -80,31 +65,17 @@ class RoundResult:
         return self.round_s / self.floor_s if self.floor_s else float("nan")
 
 
-def _asyncpg(sql: str) -> str:
-    # SQLAlchemy text(): ":name" binds and "\:" escapes; asyncpg wants $n and plain colons.
-    return sql.replace(":app", "$1").replace("\\:", ":")
-
-
 async def _floor_statements(conn: asyncpg.Connection) -> list[tuple[str, str, tuple]]:
-    ext = await conn.fetchrow(EXTENSION_SQL)
-    version = parse_extversion(ext["extversion"])
-    schema = ext["schema"]
+    """Every data statement of a round, as the definitions give it for this server (the texts
+    query runs only for statements not seen before, so not in a steady round)."""
     server = int(await conn.fetchval("SHOW server_version_num"))
-    stmts: list[tuple[str, str, tuple]] = [
-        ("activity: counts", _asyncpg(activity_sql(LABEL_COLUMNS)), (APPLICATION_NAME,)),
-        ("activity: ages", _asyncpg(_AGES_SQL), (APPLICATION_NAME,)),
-        ("activity: settings", _SETTINGS_SQL, ()),
-        ("statements: extension", EXTENSION_SQL, ()),
-        ("statements: counters", statements_sql(schema, version), ()),
-    ]
-    if version >= (1, 9):
-        stmts.append(("statements: info", statements_info_sql(schema), ()))
-    stmts += [
-        ("indexes: rows", _asyncpg(indexes_sql(server)), ()),
-        ("indexes: stats age", STATS_AGE_SQL, ()),
-        ("tables: rows", TABLES_SQL, ()),
-        ("database: rows", DATABASE_SQL, ()),
-    ]
+    exts = {r["extname"]: (r["extversion"], r["schema"]) for r in await conn.fetch(EXTENSIONS_SQL)}
+    stmts: list[tuple[str, str, tuple]] = [("statements: extension", EXTENSION_SQL, ())]
+    for d in builtin_definitions():
+        for q in d.queries:
+            sql = sql_for(q, server, exts)
+            if sql is not None and q.name != "texts":
+                stmts.append((f"{d.name}: {q.name}", sql, ()))
     return stmts
 
 

@@ -4,20 +4,22 @@ families by pure functions. The scheduler runs it; the snapshot stores what it r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from prometheus_client.core import Metric
 
-__all__ = ["CollectResult", "Collector", "merge_families"]
+from .families import Family
+
+__all__ = ["CollectResult", "Collector"]
 
 
 @dataclass
 class CollectResult:
     """The families one run produced, and how many series its limits cut (counted, never hidden)."""
 
-    families: list[Metric] = field(default_factory=list)
+    families: Sequence[Metric | Family] = field(default_factory=list)
     dropped: int = 0
     # Problems that did not fail the whole run (one database of several refused us, ...).
     partial_errors: list[str] = field(default_factory=list)
@@ -36,25 +38,10 @@ class Collector(ABC):
     async def collect(self) -> CollectResult:
         """Run one collection. Raise ConnectError, QueryError or anything else on failure."""
 
-    def unreachable_families(self) -> list[Metric]:
+    def unreachable_families(self) -> Sequence[Metric | Family]:
         """What is still true while the target cannot be reached; it replaces the collector's
         figures until the target answers again (default: nothing, pgcache_up says it all)."""
         return []
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the collector holds (the target's pools are closed by their owner)."""
-
-
-def merge_families(groups: Iterable[Sequence[Metric]]) -> list[Metric]:
-    """Families with the same name from several sources, as one family each (order kept)."""
-    merged: dict[str, Metric] = {}
-    for group in groups:
-        for fam in group:
-            have = merged.get(fam.name)
-            if have is None:
-                copy = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                copy.samples = list(fam.samples)
-                merged[fam.name] = copy
-            else:
-                have.samples.extend(fam.samples)
-    return list(merged.values())

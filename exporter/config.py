@@ -11,23 +11,26 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from .definitions import Definition, builtin_definitions
 from .errors import ConfigError
+from .units import NAME_RE, Duration, Regex, Size, parse_duration, parse_size
+from .units import Model as _Model
+from .units import show as _show
 
 __all__ = [
     "Config",
@@ -38,78 +41,6 @@ __all__ = [
     "parse_duration",
     "parse_size",
 ]
-
-# -- durations and sizes -------------------------------------------------------------------------
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_SIZE_UNITS = {
-    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
-
-
-def parse_duration(value: object) -> float:
-    """'500ms', '15s', '1m30s', '7d' (or a bare number of seconds) -> seconds."""
-    if isinstance(value, bool):
-        raise PydanticCustomError("duration", f"{value!r} is not a duration (write e.g. 500ms, 15s, 5m, 7d)")
-    if isinstance(value, int | float):
-        if value < 0 or value != value or value == float("inf"):
-            raise PydanticCustomError("duration", f"{value!r} is not a duration (must be a finite number >= 0)")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text and _DURATION_RE.sub("", text) == "":
-            total = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
-            if total != float("inf"):
-                return total
-    shown = _show(value)
-    raise PydanticCustomError("duration", f"{shown} is not a duration (write e.g. 500ms, 15s, 5m, 7d)")
-
-
-def parse_size(value: object) -> int:
-    """'512kB', '10MB', '1GiB' (or a bare number of bytes) -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value.strip().lower())
-        if m and m.group(2) in _SIZE_UNITS | {"": 1}:
-            n = float(m.group(1)) * (_SIZE_UNITS.get(m.group(2), 1))
-            if n < 2**63:
-                return int(n)
-    shown = _show(value)
-    raise PydanticCustomError("size", f"{shown} is not a size (write e.g. 512kB, 10MB, 1GiB)")
-
-
-def _show(value: object) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return '"' + text.replace('"', '\\"') + '"' if isinstance(value, str) else text
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-
-
-def _regex(value: object) -> str:
-    if not isinstance(value, str):
-        raise PydanticCustomError("regex", f"{_show(value)} is not a regular expression string")
-    try:
-        re.compile(value)
-    except re.error as e:
-        raise PydanticCustomError("regex", f"{_show(value)} is not a valid regular expression: {e}") from None
-    return value
-
-
-Regex = Annotated[str, BeforeValidator(_regex)]
-NAME_RE = r"^[A-Za-z0-9_.:/@-]{1,64}$"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 # -- sections ------------------------------------------------------------------------------------
 
@@ -240,10 +171,19 @@ class CollectorSettings(_Model):
 
 ActivityLabel = Literal["datname", "usename", "application_name", "state", "wait_event_type"]
 
+# Interval, timeout and limit defaults live in each collector's definition (one place per view).
+_BUILTIN = {d.name: d for d in builtin_definitions()}
+
+
+def _limit_default(name: str) -> int:
+    limit = _BUILTIN[name].limit
+    assert limit is not None, f"definition {name} declares no limit"
+    return limit.default
+
 
 class ActivitySettings(CollectorSettings):
-    interval: Duration = 15.0
-    timeout: Duration = 5.0
+    interval: Duration = _BUILTIN["activity"].interval
+    timeout: Duration = _BUILTIN["activity"].timeout
     # Which pg_stat_activity columns label pgcache_connections; drop some to bound cardinality.
     labels: tuple[ActivityLabel, ...] = (
         "datname", "usename", "application_name", "state", "wait_event_type",
@@ -251,29 +191,18 @@ class ActivitySettings(CollectorSettings):
 
 
 class StatementsSettings(CollectorSettings):
-    interval: Duration = 30.0
-    timeout: Duration = 10.0
-    limit: int = Field(default=200, ge=1, le=100_000)
+    interval: Duration = _BUILTIN["statements"].interval
+    timeout: Duration = _BUILTIN["statements"].timeout
+    limit: int = Field(default=_limit_default("statements"), ge=1, le=100_000)
     query_text_length: int = Field(default=200, ge=0, le=10_000)
 
 
 class IndexesSettings(CollectorSettings):
-    interval: Duration = 300.0
-    timeout: Duration = 30.0
+    interval: Duration = _BUILTIN["indexes"].interval
+    timeout: Duration = _BUILTIN["indexes"].timeout
     unused_min_stats_age: Duration = 7 * 86400.0
     unused_min_size: Size = 1_000_000
-    limit: int = Field(default=1000, ge=1, le=1_000_000)
-
-
-class TablesSettings(CollectorSettings):
-    interval: Duration = 300.0
-    timeout: Duration = 30.0
-    limit: int = Field(default=1000, ge=1, le=1_000_000)
-
-
-class DatabaseSettings(CollectorSettings):
-    interval: Duration = 30.0
-    timeout: Duration = 10.0
+    limit: int = Field(default=_limit_default("indexes"), ge=1, le=1_000_000)
 
 
 class CacheSettings(CollectorSettings):
@@ -283,13 +212,62 @@ class CacheSettings(CollectorSettings):
     max_namespaces: int = Field(default=200, ge=1, le=100_000)
 
 
-class CollectorsConfig(_Model):
-    activity: ActivitySettings = ActivitySettings()
-    statements: StatementsSettings = StatementsSettings()
-    indexes: IndexesSettings = IndexesSettings()
-    tables: TablesSettings = TablesSettings()
-    database: DatabaseSettings = DatabaseSettings()
+# Collectors whose hand-written part has settings of its own; every other definition gets
+# enabled, interval, timeout (and limit, when it declares one) with its definition's defaults.
+HAND_WRITTEN_SETTINGS: dict[str, type[CollectorSettings]] = {
+    "activity": ActivitySettings,
+    "statements": StatementsSettings,
+    "indexes": IndexesSettings,
+}
+
+
+def settings_class(defn: Definition) -> type[CollectorSettings]:
+    known = HAND_WRITTEN_SETTINGS.get(defn.name)
+    if known is not None:
+        return known
+    fields: dict[str, Any] = {
+        "enabled": (bool, defn.enabled),
+        "interval": (Duration, defn.interval),
+        "timeout": (Duration, defn.timeout),
+    }
+    if defn.limit is not None:
+        fields["limit"] = (int, Field(default=defn.limit.default, ge=1, le=1_000_000))
+    cls: type[CollectorSettings] = create_model(  # type: ignore[call-overload]
+        f"{defn.name.title().replace('_', '')}Settings", __base__=CollectorSettings, **fields
+    )
+    return cls
+
+
+def collector_settings(name: str, **values: Any) -> CollectorSettings:
+    """The settings model of a built-in collector (what `collectors.<name>` holds)."""
+    if name == "cache":
+        return CacheSettings(**values)
+    return settings_class(_BUILTIN[name])(**values)
+
+
+class CollectorsBase(_Model):
     cache: CacheSettings = CacheSettings()
+
+    if TYPE_CHECKING:  # the fields derived from the definitions, as the type checker sees them
+        activity: ActivitySettings = ActivitySettings()
+        statements: StatementsSettings = StatementsSettings()
+        indexes: IndexesSettings = IndexesSettings()
+        tables: Any = None
+        database: Any = None
+
+    def settings(self, name: str) -> CollectorSettings:
+        got: CollectorSettings = getattr(self, name)
+        return got
+
+
+# `collectors:` has one key per built-in definition (and `cache`), derived from the definitions.
+if TYPE_CHECKING:
+    CollectorsConfig = CollectorsBase
+else:
+    CollectorsConfig = create_model(
+        "CollectorsConfig", __base__=CollectorsBase,
+        **{name: (settings_class(d), settings_class(d)()) for name, d in _BUILTIN.items()},
+    )
 
 
 def _shard_index(value: object) -> int:
@@ -338,6 +316,8 @@ class Config(_Model):
     postgres: tuple[PostgresTargetConfig, ...] = ()
     redis: tuple[RedisTargetConfig, ...] = ()
     collectors: CollectorsConfig = CollectorsConfig()
+    # User-defined queries: the same schema as the built-in definitions.
+    queries: tuple[Definition, ...] = ()
     shard: ShardConfig = ShardConfig()
 
     @model_validator(mode="after")
@@ -355,7 +335,33 @@ class Config(_Model):
                         "(names must be unique across postgres and redis)",
                     )
                 seen.add(t.name)
+        self._check_queries()
         return self
+
+    def _check_queries(self) -> None:
+        """User queries: names apart from the built-in collectors, metric names apart from every
+        other family (a clash is a config error here, never a broken scrape)."""
+        if not self.queries:
+            return
+        from .catalog import builtin_family_names  # late: it imports the collectors
+
+        taken = builtin_family_names()
+        names = set(_BUILTIN) | {"cache"}
+        for i, q in enumerate(self.queries):
+            if q.name in names:
+                raise PydanticCustomError(
+                    "duplicate", f"queries[{i}].name: {q.name!r} is already a collector name"
+                    + (" (a built-in one)" if q.name in _BUILTIN or q.name == "cache" else "")
+                )
+            names.add(q.name)
+            for spec in q.family_specs():
+                owner = taken.get(spec.name)
+                if owner is not None:
+                    raise PydanticCustomError(
+                        "duplicate",
+                        f"queries[{i}] ({q.name}): metric {spec.name} is already defined by {owner}",
+                    )
+                taken[spec.name] = f"query {q.name}"
 
     def secrets(self) -> list[str]:
         """Every secret in this config, so the log filter and error pages can scrub them."""
@@ -452,7 +458,20 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e)) from None
+        raise ConfigError(_flat_query_paths(raw, _format_errors(e))) from None
+
+
+def _flat_query_paths(raw: Mapping[str, Any], message: str) -> str:
+    """A user query written in the flat form (sql, labels, metrics at its top) is one query
+    inside: report its keys where the user wrote them (queries[1].metrics[0], not
+    queries[1].queries[0].metrics[0])."""
+    queries = raw.get("queries")
+    if not isinstance(queries, list):
+        return message
+    for i, q in enumerate(queries):
+        if isinstance(q, dict) and "sql" in q:
+            message = message.replace(f"queries[{i}].queries[0].", f"queries[{i}].")
+    return message
 
 
 def load_config(

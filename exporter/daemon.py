@@ -7,44 +7,53 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from .cache.collector import CacheCollector
 from .collector import Collector
-from .config import Config, split_listen_address
+from .config import CollectorSettings, Config, split_listen_address
+from .definitions import Definition, builtin_definitions
 from .errors import ConfigError
 from .logs import redactor, setup_logging
 from .postgres.activity import ActivityCollector
-from .postgres.collector import PostgresCollector
-from .postgres.database import DatabaseCollector
 from .postgres.engine import PostgresTarget
 from .postgres.indexes import IndexesCollector
+from .postgres.queries import DefinitionCollector
 from .postgres.statements import StatementsCollector
-from .postgres.tables import TablesCollector
 from .scheduler import CollectionLoop, Job, Scheduler, run_job
 from .snapshot import Snapshot
 from .web import make_app
 from .webconfig import WebSecurity
 
-__all__ = ["POSTGRES_COLLECTORS", "Daemon", "build_jobs"]
+__all__ = ["HAND_WRITTEN", "Daemon", "build_jobs", "postgres_collector"]
 
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL = 0.001
 
-# Collector name (the key under `collectors:` in the config) -> class, for PostgreSQL targets.
-POSTGRES_COLLECTORS: dict[str, type[PostgresCollector]] = {
+# The built-in collectors with a hand-written part (real rules beyond rows -> families); every
+# other definition runs on the generic path alone.
+HAND_WRITTEN: dict[str, Callable[[PostgresTarget, Any], Collector]] = {
     "activity": ActivityCollector,
     "statements": StatementsCollector,
     "indexes": IndexesCollector,
-    "tables": TablesCollector,
-    "database": DatabaseCollector,
 }
 
 
+def postgres_collector(
+    target: PostgresTarget, definition: Definition, settings: CollectorSettings
+) -> Collector:
+    make = HAND_WRITTEN.get(definition.name)
+    if make is not None:
+        return make(target, settings)
+    return DefinitionCollector(target, settings, definition)
+
+
 def build_jobs(config: Config) -> tuple[list[PostgresTarget], list[Job]]:
-    """The runtime targets and one job per (target, enabled collector)."""
+    """The runtime targets and one job per (target, enabled collector): every built-in
+    definition, every user query, and the cache collector per Redis target."""
     targets: list[PostgresTarget] = []
     jobs: list[Job] = []
     for pg_cfg in config.postgres:
@@ -52,11 +61,16 @@ def build_jobs(config: Config) -> tuple[list[PostgresTarget], list[Job]]:
             continue
         target = PostgresTarget(pg_cfg)
         targets.append(target)
-        for name, cls in POSTGRES_COLLECTORS.items():
-            settings = getattr(config.collectors, name)
+        for defn in builtin_definitions():
+            settings = config.collectors.settings(defn.name)
             if settings.enabled:
-                collector: Collector = cls(target, settings)
-                jobs.append(Job(collector, settings.interval, settings.timeout))
+                jobs.append(Job(postgres_collector(target, defn, settings),
+                                settings.interval, settings.timeout))
+        for query in config.queries:
+            if query.enabled:
+                settings = CollectorSettings(interval=query.interval, timeout=query.timeout)
+                jobs.append(Job(DefinitionCollector(target, settings, query),
+                                query.interval, query.timeout))
     cache = config.collectors.cache
     if cache.enabled:
         for redis_cfg in config.redis:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from prometheus_client.core import Metric
 
 from .collector import CollectResult
+from .families import Family, escape_label, format_value
 
 __all__ = ["CollectorStatus", "Snapshot", "render_openmetrics", "render_text"]
 
@@ -48,41 +49,34 @@ class CollectorStatus:
 Rendered = tuple[bytes, bytes, bytes]
 Part = dict[str, Rendered]
 
-_INF, _NINF = float("inf"), float("-inf")
 _TEXT_TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram",
                "summary": "summary", "info": "gauge"}
 _OM_TYPES = {"counter", "gauge", "histogram", "summary", "info"}
-
-
-def _escape_label(value: str) -> str:
-    if "\\" in value or "\n" in value or '"' in value:
-        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-    return value
 
 
 def _escape_help(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _format_value(value: float) -> str:
-    # repr() is exact and fast; only the special values need the exposition's spelling.
-    if value != value:
-        return "NaN"
-    if value == _INF:
-        return "+Inf"
-    if value == _NINF:
-        return "-Inf"
-    return repr(float(value))
+def _headers(name: str, om_name: str, mtype: str, doc: str) -> tuple[bytes, bytes]:
+    doc = _escape_help(doc)
+    om_type = mtype if mtype in _OM_TYPES else "unknown"
+    return (f"# HELP {name} {doc}\n# TYPE {name} {_TEXT_TYPES.get(mtype, 'untyped')}\n".encode(),
+            f"# HELP {om_name} {doc}\n# TYPE {om_name} {om_type}\n".encode())
 
 
-def _render_family(fam: Metric) -> tuple[str, Rendered]:
+def _render_written(fam: Family) -> tuple[str, Rendered]:
+    name = fam.sample_name
+    text_h, om_h = _headers(name, fam.name, fam.type, fam.help)
+    return name, (text_h, om_h, "".join(fam.lines).encode())
+
+
+def _render_family(fam: Metric | Family) -> tuple[str, Rendered]:
+    if isinstance(fam, Family):
+        return _render_written(fam)
     suffix = {"counter": "_total", "info": "_info"}.get(fam.type, "")
     name = fam.name + suffix
-    doc = _escape_help(fam.documentation)
-    text_header = f"# HELP {name} {doc}\n# TYPE {name} {_TEXT_TYPES.get(fam.type, 'untyped')}\n"
-    om_name = fam.name if suffix else name
-    om_type = fam.type if fam.type in _OM_TYPES else "unknown"
-    om_header = f"# HELP {om_name} {doc}\n# TYPE {om_name} {om_type}\n"
+    text_h, om_h = _headers(name, fam.name if suffix else name, fam.type, fam.documentation)
     # Label values repeat across thousands of samples (target, datname, schema): escape each once.
     escaped: dict[str, str] = {}
     lines = []
@@ -94,15 +88,15 @@ def _render_family(fam: Metric) -> tuple[str, Rendered]:
             for k, v in s.labels.items():
                 e = escaped.get(v)
                 if e is None:
-                    e = escaped[v] = _escape_label(v)
+                    e = escaped[v] = escape_label(v)
                 pairs.append(f'{k}="{e}"')
-            lines.append(f"{s.name}{{{','.join(pairs)}}} {_format_value(s.value)}\n")
+            lines.append(f"{s.name}{{{','.join(pairs)}}} {format_value(s.value)}\n")
         else:
-            lines.append(f"{s.name} {_format_value(s.value)}\n")
-    return name, (text_header.encode(), om_header.encode(), "".join(lines).encode())
+            lines.append(f"{s.name} {format_value(s.value)}\n")
+    return name, (text_h, om_h, "".join(lines).encode())
 
 
-def render_part(families: Iterable[Metric]) -> Part:
+def render_part(families: Iterable[Metric | Family]) -> Part:
     out: Part = {}
     for fam in families:
         name, rendered = _render_family(fam)
@@ -128,12 +122,12 @@ def join_parts(parts: Iterable[Part], *, openmetrics: bool = False) -> bytes:
     return body + b"# EOF\n" if openmetrics else body
 
 
-def render_text(families: Iterable[Metric]) -> bytes:
+def render_text(families: Iterable[Metric | Family]) -> bytes:
     """Families -> Prometheus text exposition format 0.0.4."""
     return join_parts([render_part(families)])
 
 
-def render_openmetrics(families: Iterable[Metric]) -> bytes:
+def render_openmetrics(families: Iterable[Metric | Family]) -> bytes:
     """Families -> OpenMetrics 1.0 text."""
     return join_parts([render_part(families)], openmetrics=True)
 

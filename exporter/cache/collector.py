@@ -198,3 +198,12 @@ class CacheCollector(Collector):
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+
+
+def cache_family_samples() -> list[Metric]:
+    """Every family this collector can produce, built from a sample of each input (one namespace
+    with an error, one flush, one INFO): what `exporter.catalog` lists, from this code itself."""
+    ns = NamespaceStats(errors={"get": 1})
+    snap = StatsSnapshot(namespaces={"ns": ns}, flush_timestamps={"app-1": 1.0})
+    fams, _ = cache_families("t", snap, 10)
+    return [*fams, redis_up_family("t", True), *redis_families("t", [{}])]

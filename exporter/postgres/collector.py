@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..collector import Collector, CollectResult, merge_families
+from ..collector import Collector, CollectResult
 from ..config import CollectorSettings
 from ..errors import CollectError, ConnectError
 from .engine import PostgresTarget
@@ -34,6 +34,10 @@ class PostgresCollector(Collector):
         self.pg = target
         self.settings = settings
 
+    def visit(self, databases: list[str]) -> list[str]:
+        """Which of the watched databases this collector visits (all, unless it narrows them)."""
+        return databases
+
     @abstractmethod
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
         """Query one database (datname None: the cluster-wide view) and build its families."""
@@ -48,6 +52,7 @@ class PostgresCollector(Collector):
 
         databases = await self.pg.databases(timeout)
         await self.pg.forget(set(databases))
+        databases = self.visit(databases)
         sem = asyncio.Semaphore(DATABASE_CONCURRENCY)
 
         async def one(db: str) -> CollectResult | CollectError:
@@ -64,7 +69,8 @@ class PostgresCollector(Collector):
         if databases and not results and all(isinstance(o, ConnectError) for o in outcomes):
             raise ConnectError(failures[0])
         return CollectResult(
-            families=merge_families(r.families for r in results),
+            # Same-named families of several databases become one group when rendered.
+            families=[f for r in results for f in r.families],
             dropped=sum(r.dropped for r in results),
             partial_errors=failures + [e for r in results for e in r.partial_errors],
         )

@@ -148,7 +148,8 @@ class PostgresTarget:
                     (await conn.execute(text("SHOW server_version_num"))).scalar_one()
                 )
             yield conn
-        except DBAPIError as e:
+        except (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            # The generic path reads rows with asyncpg directly: its errors arrive unwrapped.
             if _is_connection_error(e):
                 self.server_version_num = None
                 raise ConnectError(f"{where}: connection lost: {describe_error(e)}") from None

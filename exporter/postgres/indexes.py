@@ -7,19 +7,19 @@ the reports reuse them with the same SQL (`indexes_sql`, `STATS_AGE_SQL`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..collector import CollectResult
 from ..config import IndexesSettings
-from .collector import PostgresCollector
+from ..definitions import definition
+from ..families import Family
 from .engine import PostgresTarget
-from .sizes import LOCKED_RELATIONS_CTE, skipped_locked_family
+from .queries import DefinitionCollector, count_series, render_rows, sql_for
 
 __all__ = [
     "STATS_AGE_SQL",
@@ -32,42 +32,24 @@ __all__ = [
     "select_indexes",
 ]
 
-# Statistics count from their last reset; never reset, from the server's start.
-STATS_AGE_SQL = """
-SELECT extract(epoch FROM now() - coalesce(stats_reset, pg_postmaster_start_time()))::float8 AS age
-FROM pg_stat_database WHERE datname = current_database()
-"""
+_DEF = definition("indexes")
+_INDEXES, _STATS_AGE = _DEF.query("indexes"), _DEF.query("stats_age")
+_SKIPPED = _DEF.declared("pgcache_indexes_skipped_locked")
 
-# Node trees carry the parse position of each node; without them, equal predicates compare equal.
-# (The backslash keeps SQLAlchemy from reading ":location" as a bind parameter.)
-_NO_LOCATION = r"regexp_replace(coalesce({}::text, ''), ' \:location -?\d+', '', 'g')"
+
+def _sqlalchemy_text(sql: str) -> str:
+    """Escape `:name` so SQLAlchemy's text() does not read it as a bind parameter."""
+    return re.sub(r"(?<![:\\]):(?=[A-Za-z_])", r"\\:", sql)
 
 
 def indexes_sql(server_version_num: int) -> str:
-    """One row per index of a user table; size NULL when the index or its table is locked."""
-    last_scan = (
-        "extract(epoch FROM s.last_idx_scan)::float8"
-        if server_version_num >= 160000 else "NULL::float8"
-    )
-    return f"""
-WITH {LOCKED_RELATIONS_CTE}
-SELECT s.indexrelid, s.relid, s.schemaname AS schema, s.relname AS "table", s.indexrelname AS "index",
-       s.idx_scan, s.idx_tup_read, s.idx_tup_fetch, {last_scan} AS last_scan,
-       i.indisprimary, i.indisunique, i.indisexclusion, i.indisreplident, i.indisvalid,
-       i.indnkeyatts, i.indkey::int2[] AS columns, i.indclass::oid[] AS opclasses,
-       i.indcollation::oid[] AS collations, i.indoption::int2[] AS options, am.amname,
-       {_NO_LOCATION.format("i.indpred")} AS predicate,
-       {_NO_LOCATION.format("i.indexprs")} AS expressions,
-       lk.locked,
-       CASE WHEN NOT lk.locked THEN pg_relation_size(s.indexrelid) END AS size_bytes
-FROM pg_stat_user_indexes s
-JOIN pg_index i ON i.indexrelid = s.indexrelid
-JOIN pg_class c ON c.oid = s.indexrelid
-JOIN pg_am am ON am.oid = c.relam
-CROSS JOIN LATERAL (
-    SELECT EXISTS (SELECT 1 FROM locked WHERE locked.oid IN (s.indexrelid, s.relid)) AS locked
-) lk
-"""
+    """One row per index of a user table (definitions/indexes.yaml), for SQLAlchemy's text()."""
+    sql = sql_for(_INDEXES, server_version_num, {})
+    assert sql is not None
+    return _sqlalchemy_text(sql)
+
+
+STATS_AGE_SQL = _STATS_AGE.sql[0].query
 
 
 @dataclass(frozen=True)
@@ -99,7 +81,8 @@ class IndexRow:
 
     @classmethod
     def from_mapping(cls, row: Mapping[Any, Any]) -> IndexRow:
-        values = {f: row[f] for f in cls.__dataclass_fields__}
+        have = set(row.keys())  # last_scan only from PostgreSQL 16
+        values = {f: row[f] for f in cls.__dataclass_fields__ if f in have}
         for f in ("columns", "opclasses", "collations", "options"):
             values[f] = tuple(values[f] or ())
         for f in ("idx_scan", "idx_tup_read", "idx_tup_fetch"):
@@ -185,6 +168,10 @@ def select_indexes(
     return ranked[:limit]
 
 
+_FLAGS = ["unused", "invalid", "redundant", "covered_by"]
+_COLUMNS = [f.name for f in fields(IndexRow)] + _FLAGS
+
+
 def index_families(
     target: str,
     datname: str,
@@ -193,8 +180,8 @@ def index_families(
     stats_age: float | None,
     settings: IndexesSettings,
     last_scan: bool,
-) -> tuple[list[Metric], int]:
-    """Rows of one database -> (families, indexes cut by the limit)."""
+) -> tuple[list[Family], int]:
+    """Rows of one database -> (families, series cut by the limit)."""
     unused = {
         r.indexrelid for r in rows
         if is_unused_candidate(r, stats_age, settings.unused_min_stats_age, settings.unused_min_size)
@@ -203,87 +190,41 @@ def index_families(
     redundant = redundant_indexes(rows)
     chosen = select_indexes(rows, unused | invalid | redundant.keys(), settings.limit)
 
-    labels = ["target", "datname", "schema", "table", "index"]
-    scans = CounterMetricFamily("pgcache_index_scans", "Index scans initiated on the index.", labels=labels)
-    tup_read = CounterMetricFamily(
-        "pgcache_index_tuples_read", "Index entries returned by scans of the index.", labels=labels
-    )
-    tup_fetch = CounterMetricFamily(
-        "pgcache_index_tuples_fetched",
-        "Live table rows fetched by simple index scans of the index.", labels=labels,
-    )
-    size = GaugeMetricFamily(
-        "pgcache_index_size_bytes", "Disk space of the index (absent while it is locked).", labels=labels
-    )
-    unused_f = GaugeMetricFamily(
-        "pgcache_index_unused",
-        "1 for an unused-index candidate: no scan since the statistics were reset, statistics at "
-        "least unused_min_stats_age old, at least unused_min_size, backing no constraint.",
-        labels=labels,
-    )
-    invalid_f = GaugeMetricFamily(
-        "pgcache_index_invalid",
-        "1 for an invalid index (a failed CREATE INDEX CONCURRENTLY): maintained, never used.",
-        labels=labels,
-    )
-    redundant_f = GaugeMetricFamily(
-        "pgcache_index_redundant",
-        "1 for an index whose key columns are a leading prefix of another index on the same "
-        "table with the same predicate (covered_by names it).",
-        labels=[*labels, "covered_by"],
-    )
-    families: list[Metric] = [scans, tup_read, tup_fetch, size, unused_f, invalid_f, redundant_f]
-    if last_scan:
-        last = GaugeMetricFamily(
-            "pgcache_index_last_scan_timestamp_seconds",
-            "When the index was last scanned (PostgreSQL 16+; absent if never).", labels=labels,
-        )
-        families.append(last)
-    for r in chosen:
-        lv = [target, datname, r.schema, r.table, r.index]
-        scans.add_metric(lv, r.idx_scan)
-        tup_read.add_metric(lv, r.idx_tup_read)
-        tup_fetch.add_metric(lv, r.idx_tup_fetch)
-        if r.size_bytes is not None:
-            size.add_metric(lv, r.size_bytes)
-        if r.indexrelid in unused:
-            unused_f.add_metric(lv, 1)
-        if r.indexrelid in invalid:
-            invalid_f.add_metric(lv, 1)
+    def as_row(r: IndexRow) -> tuple[Any, ...]:
         cover = redundant.get(r.indexrelid)
-        if cover is not None:
-            redundant_f.add_metric([*lv, cover.index], 1)
-        if last_scan and r.last_scan is not None:
-            last.add_metric(lv, r.last_scan)
+        return (*astuple(r), 1 if r.indexrelid in unused else None,
+                1 if r.indexrelid in invalid else None,
+                1 if cover is not None else None, cover.index if cover is not None else None)
 
-    age = GaugeMetricFamily(
-        "pgcache_database_stats_age_seconds",
-        "Age of the database's cumulative statistics (since their reset, else the server's start): "
-        "an index counts as unused only once this reaches unused_min_stats_age.",
-        labels=["target", "datname"],
-    )
+    version = 160000 if last_scan else 0
+    fixed = [target, datname]
+    out = render_rows(_DEF, _INDEXES, _COLUMNS, [as_row(r) for r in chosen], fixed,
+                      server_version_num=version)
+    chosen_ids = {r.indexrelid for r in chosen}
+    cut = [as_row(r) for r in rows if r.indexrelid not in chosen_ids]
+    dropped = count_series(_INDEXES, _COLUMNS, cut, version)
+    families = list(out.families)
     if stats_age is not None:
-        age.add_metric([target, datname], stats_age)
-    families.append(age)
-    families.append(skipped_locked_family(
-        "pgcache_indexes_skipped_locked", "Indexes", target, datname, sum(r.locked for r in rows)
-    ))
-    return families, len(rows) - len(chosen)
+        families += render_rows(_DEF, _STATS_AGE, ["age"], [(stats_age,)], fixed,
+                                server_version_num=version).families
+    skipped = Family.of(_SKIPPED)
+    skipped.add_labels(_SKIPPED.labels, fixed, sum(r.locked for r in rows))
+    families.append(skipped)
+    return families, dropped
 
 
-class IndexesCollector(PostgresCollector):
-    name = "indexes"
-    per_database = True
-
+class IndexesCollector(DefinitionCollector):
     def __init__(self, target: PostgresTarget, settings: IndexesSettings) -> None:
-        super().__init__(target, settings)
+        super().__init__(target, settings, _DEF)
         self.index_settings = settings
 
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
         version = self.pg.server_version_num or 0
-        result = await conn.execute(text(indexes_sql(version)))
-        rows = [IndexRow.from_mapping(m) for m in result.mappings()]
-        stats_age = (await conn.execute(text(STATS_AGE_SQL))).scalar()
+        got = await self.rows(conn, _INDEXES, {})
+        assert got is not None
+        rows = [IndexRow.from_mapping(m) for m in got[1]]
+        age = await self.rows(conn, _STATS_AGE, {})
+        stats_age = age[1][0]["age"] if age is not None and age[1] else None
         families, dropped = index_families(
             self.target, datname or self.pg.default_database, rows,
             stats_age=stats_age, settings=self.index_settings, last_scan=version >= 160000,

@@ -14,19 +14,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..collector import CollectResult
 from ..config import StatementsSettings
+from ..definitions import definition
 from ..errors import QueryError
-from .collector import PostgresCollector
-from .engine import PostgresTarget, describe_error
+from ..families import Family, FamilySpec
+from .engine import PostgresTarget
+from .queries import DefinitionCollector, render_rows, run_query, sql_for
 
 __all__ = [
     "StatementRow",
@@ -36,6 +36,11 @@ __all__ = [
     "statement_families",
     "statements_sql",
 ]
+
+_DEF = definition("statements")
+_STATS, _TEXTS, _INFO = _DEF.query("statements"), _DEF.query("texts"), _DEF.query("info")
+_INFO_SPEC: FamilySpec = _DEF.declared("pgcache_statement_info")
+_IO_FAMILIES = frozenset({"pgcache_statement_block_read_seconds", "pgcache_statement_block_write_seconds"})
 
 # A statement already exported stays while its rank is within KEEP_FACTOR x limit.
 KEEP_FACTOR = 1.5
@@ -64,49 +69,24 @@ def parse_extversion(value: str) -> Version:
 
 
 def statements_sql(schema: str, extversion: Version) -> str:
-    """Counters summed over `toplevel` (14+), one row per (dbid, userid, queryid).
-
-    1.8 (PG13) renamed total_time to total_exec_time and added planning time; 1.11 (PG17) split
-    blk_read_time into shared_/local_ (the old figure covered both, so they are added back up).
-    """
-    exec_ms = "total_exec_time" if extversion >= (1, 8) else "total_time"
-    plan_ms = "total_plan_time" if extversion >= (1, 8) else "0"
-    if extversion >= (1, 11):
-        read_ms = "shared_blk_read_time + local_blk_read_time"
-        write_ms = "shared_blk_write_time + local_blk_write_time"
-    else:
-        read_ms, write_ms = "blk_read_time", "blk_write_time"
-    return f"""
-SELECT s.dbid, s.userid, s.queryid,
-       coalesce(d.datname, s.dbid::text) AS datname,
-       coalesce(r.rolname, s.userid::text) AS username,
-       sum(s.calls)::float8 AS calls,
-       sum(s.{exec_ms})::float8 AS exec_ms,
-       sum({plan_ms})::float8 AS plan_ms,
-       sum(s.rows)::float8 AS rows,
-       sum(s.shared_blks_hit)::float8 AS shared_blks_hit,
-       sum(s.shared_blks_read)::float8 AS shared_blks_read,
-       sum(s.temp_blks_written)::float8 AS temp_blks_written,
-       sum({read_ms})::float8 AS read_ms,
-       sum({write_ms})::float8 AS write_ms
-FROM {schema}.pg_stat_statements(false) s
-LEFT JOIN pg_database d ON d.oid = s.dbid
-LEFT JOIN pg_roles r ON r.oid = s.userid
-GROUP BY s.dbid, s.userid, s.queryid, d.datname, r.rolname
-"""
+    """The counters query of definitions/statements.yaml for this extension version and schema
+    (the reports run it through SQLAlchemy too)."""
+    sql = sql_for(_STATS, 0, {"pg_stat_statements": (".".join(map(str, extversion)), schema)})
+    assert sql is not None
+    return sql
 
 
 def statement_texts_sql(schema: str) -> str:
-    # Reading texts loads the whole query-text file, so this runs only for unseen queryids.
-    return (
-        f"SELECT DISTINCT ON (queryid) queryid, query FROM {schema}.pg_stat_statements(true) "
-        "WHERE queryid = ANY(:ids)"
-    )
+    """The texts query, with SQLAlchemy's `:ids` for the reports."""
+    sql = sql_for(_TEXTS, 0, {"pg_stat_statements": ("1.0", schema)})
+    assert sql is not None
+    return sql.replace("$1::bigint[]", ":ids")
 
 
 def statements_info_sql(schema: str) -> str:
-    """pg_stat_statements_info exists from 1.9 (PG14)."""
-    return f"SELECT dealloc, extract(epoch FROM stats_reset)::float8 AS stats_reset FROM {schema}.pg_stat_statements_info"
+    sql = sql_for(_INFO, 0, {"pg_stat_statements": ("1.9", schema)})
+    assert sql is not None
+    return sql
 
 
 Key = tuple[int, int, int | None]  # (dbid, userid, queryid); queryid None: hidden from us
@@ -135,9 +115,13 @@ class StatementRow:
 
     @classmethod
     def from_mapping(cls, row: Mapping[Any, Any]) -> StatementRow:
-        ids = ("dbid", "userid", "queryid", "datname", "username")
-        values: dict[str, Any] = {f: row[f] if f in ids else float(row[f] or 0) for f in cls.__dataclass_fields__}
-        return cls(**values)
+        """From a row of the counters query (whose role column is called `user`)."""
+        ids = ("dbid", "userid", "queryid", "datname")
+        values: dict[str, Any] = {
+            f: row[f] if f in ids else float(row[f] or 0)
+            for f in cls.__dataclass_fields__ if f != "username"
+        }
+        return cls(username=row["user"], **values)
 
 
 def _rank_key(row: StatementRow) -> tuple[float, int, int, bool, int]:
@@ -187,6 +171,10 @@ def query_text_label(query: str | None, length: int) -> str | None:
     return " ".join(scrub_secrets(query).split())[:length]
 
 
+# StatementRow's fields as the counters query's columns (rendered by the generic path).
+_ROW_COLUMNS = [("user" if f.name == "username" else f.name) for f in fields(StatementRow)]
+
+
 def statement_families(
     target: str,
     rows: Iterable[StatementRow],
@@ -195,85 +183,32 @@ def statement_families(
     io_timing: bool = False,
     dealloc: float | None = None,
     stats_reset: float | None = None,
-) -> list[Metric]:
+) -> list[Family]:
     """Rows -> families. `texts` maps queryid to its (already cut) label text; None: no info."""
-    labels = ["target", "datname", "user", "queryid"]
-
-    def counter(name: str, doc: str) -> CounterMetricFamily:
-        return CounterMetricFamily(name, doc, labels=labels)
-
-    calls = counter("pgcache_statement_calls", "Times the statement was executed.")
-    exec_s = counter("pgcache_statement_exec_seconds", "Time spent executing the statement.")
-    plan_s = counter(
-        "pgcache_statement_plan_seconds",
-        "Time spent planning the statement (0 unless pg_stat_statements.track_planning is on).",
-    )
-    rows_f = counter("pgcache_statement_rows", "Rows retrieved or affected by the statement.")
-    hit = counter("pgcache_statement_shared_blocks_hit", "Shared buffer hits of the statement.")
-    read = counter("pgcache_statement_shared_blocks_read", "Shared blocks read by the statement.")
-    temp = counter("pgcache_statement_temp_blocks_written", "Temp blocks written by the statement.")
-    families: list[Metric] = [calls, exec_s, plan_s, rows_f, hit, read, temp]
-    if io_timing:
-        read_s = counter(
-            "pgcache_statement_block_read_seconds",
-            "Time the statement spent reading data file blocks (track_io_timing).",
-        )
-        write_s = counter(
-            "pgcache_statement_block_write_seconds",
-            "Time the statement spent writing data file blocks (track_io_timing).",
-        )
-        families += [read_s, write_s]
-    info = GaugeMetricFamily(
-        "pgcache_statement_info",
-        "The statement's normalized query text (whitespace collapsed, truncated), always 1.",
-        labels=[*labels, "query"],
-    )
-
-    for r in rows:
-        # A NULL queryid is the sum of what this role may not see: label "" never collides.
-        lv = [target, r.datname, r.username, "" if r.queryid is None else str(r.queryid)]
-        calls.add_metric(lv, r.calls)
-        exec_s.add_metric(lv, r.exec_ms / 1000)
-        plan_s.add_metric(lv, r.plan_ms / 1000)
-        rows_f.add_metric(lv, r.rows)
-        hit.add_metric(lv, r.shared_blks_hit)
-        read.add_metric(lv, r.shared_blks_read)
-        temp.add_metric(lv, r.temp_blks_written)
-        if io_timing:
-            read_s.add_metric(lv, r.read_ms / 1000)
-            write_s.add_metric(lv, r.write_ms / 1000)
-        if texts is not None and r.queryid is not None:
-            label = texts.get(r.queryid)
-            if label is not None:
-                info.add_metric([*lv, label], 1)
+    rows = list(rows)
+    skip = frozenset() if io_timing else _IO_FAMILIES
+    out = render_rows(_DEF, _STATS, _ROW_COLUMNS, [astuple(r) for r in rows], [target],
+                      server_version_num=0, skip=skip)
+    families: list[Family] = list(out.families)
     if texts is not None:
+        info = Family.of(_INFO_SPEC)
+        for r in rows:
+            label = texts.get(r.queryid) if r.queryid is not None else None
+            if label is not None:
+                info.add_labels(_INFO_SPEC.labels,
+                                [target, r.datname, r.username, str(r.queryid), label], 1)
         families.append(info)
-
-    if dealloc is not None:
-        d = CounterMetricFamily(
-            "pgcache_statements_deallocations",
-            "Times pg_stat_statements evicted its least-used entries (pg_stat_statements.max reached).",
-            labels=["target"],
-        )
-        d.add_metric([target], dealloc)
-        families.append(d)
-    if stats_reset is not None:
-        reset = GaugeMetricFamily(
-            "pgcache_statements_stats_reset_timestamp_seconds",
-            "When all pg_stat_statements statistics were last reset.",
-            labels=["target"],
-        )
-        reset.add_metric([target], stats_reset)
-        families.append(reset)
+    if dealloc is not None or stats_reset is not None:
+        extra = render_rows(_DEF, _INFO, ["dealloc", "stats_reset"], [(dealloc, stats_reset)],
+                            [target], server_version_num=0)
+        families += extra.families
     return families
 
 
-class StatementsCollector(PostgresCollector):
-    name = "statements"
-
+class StatementsCollector(DefinitionCollector):
     def __init__(self, target: PostgresTarget, settings: StatementsSettings) -> None:
-        super().__init__(target, settings)
-        self.limit = settings.limit
+        super().__init__(target, settings, _DEF)
+        self.top = settings.limit
         self.text_length = settings.query_text_length
         self._exported: set[Key] = set()
         # queryid -> label text (None: no usable text); only ids still in the view are kept.
@@ -287,22 +222,22 @@ class StatementsCollector(PostgresCollector):
         )
 
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
-        ext = (await conn.execute(text(EXTENSION_SQL))).mappings().first()
-        if ext is None:
+        cols, found = await run_query(conn, EXTENSION_SQL)
+        if not found:
             raise self._missing("is not installed in this database (the one the DSN names)")
+        ext = found[0]
         version = parse_extversion(ext["extversion"])
-        schema = ext["schema"]
+        exts = {"pg_stat_statements": (ext["extversion"], ext["schema"])}
         try:
-            result = await conn.execute(text(statements_sql(schema, version)))
-        except DBAPIError as e:
-            if getattr(getattr(e.orig, "__cause__", None), "sqlstate", None) == "55000":
+            got = await self.rows(conn, _STATS, exts)
+        except asyncpg.PostgresError as e:
+            if e.sqlstate == "55000":
                 raise self._missing("is not loaded") from None
-            raise QueryError(
-                f"target {self.target}, database {self.pg.default_database}: {describe_error(e)}"
-            ) from None
-        rows = [StatementRow.from_mapping(m) for m in result.mappings()]
+            raise  # the session names target and database
+        assert got is not None
+        rows = [StatementRow.from_mapping(m) for m in got[1]]
 
-        chosen = select_statements(rows, self._exported, self.limit)
+        chosen = select_statements(rows, self._exported, self.top)
         self._exported = {r.key for r in chosen}
 
         texts: dict[int, str | None] | None = None
@@ -311,8 +246,9 @@ class StatementsCollector(PostgresCollector):
             self._texts = {q: t for q, t in self._texts.items() if q in present}
             new = sorted({r.queryid for r in chosen if r.queryid is not None} - self._texts.keys())
             if new:
-                found = await conn.execute(text(statement_texts_sql(schema)), {"ids": new})
-                for qid, query in found:
+                got_texts = await self.rows(conn, _TEXTS, exts, new)
+                assert got_texts is not None
+                for qid, query in got_texts[1]:
                     self._texts[qid] = query_text_label(query, self.text_length)
                 for qid in new:
                     self._texts.setdefault(qid, None)
@@ -320,11 +256,13 @@ class StatementsCollector(PostgresCollector):
 
         dealloc = stats_reset = None
         if version >= (1, 9):
-            info = (await conn.execute(text(statements_info_sql(schema)))).mappings().first()
-            if info is not None:
-                dealloc, stats_reset = info["dealloc"], info["stats_reset"]
+            info = await self.rows(conn, _INFO, exts)
+            if info is not None and info[1]:
+                dealloc, stats_reset = info[1][0]["dealloc"], info[1][0]["stats_reset"]
         families = statement_families(
             self.target, chosen, texts=texts, io_timing=bool(ext["io_timing"]),
             dealloc=dealloc, stats_reset=stats_reset,
         )
-        return CollectResult(families, dropped=len(rows) - len(chosen))
+        skip = 0 if ext["io_timing"] else len(_IO_FAMILIES)
+        per_row = len(_STATS.metrics) - skip
+        return CollectResult(families, dropped=(len(rows) - len(chosen)) * per_row)

@@ -1,14 +1,15 @@
 """`report table-sizes`: the biggest tables (heap, indexes, TOAST) in the watched databases, with
-the tables collector's SQL (`TABLES_SQL`) and ranking (`select_tables`)."""
+the tables collector's SQL (definitions/tables.yaml) and its ranking (total size, locked last)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import text
-
+from ..definitions import definition
 from ..postgres.engine import PostgresTarget
-from ..postgres.tables import TABLES_SQL, TableRow, select_tables
+from ..postgres.queries import run_query, sql_for
 from .render import Column, format_bytes, format_count, render_table
 from .targets import report_databases
 
@@ -30,12 +31,12 @@ class TableSize:
     index_scans: int | None  # None: the table has no index
 
     @classmethod
-    def from_row(cls, datname: str, r: TableRow) -> TableSize:
+    def from_row(cls, datname: str, r: Mapping[str, Any]) -> TableSize:
         return cls(
-            datname=datname, schema=r.schema, table=r.table, total_bytes=r.total_bytes,
-            heap_bytes=r.heap_bytes, indexes_bytes=r.indexes_bytes, toast_bytes=r.toast_bytes,
-            live_rows=r.live_rows, dead_rows=r.dead_rows, seq_scans=r.seq_scan or 0,
-            index_scans=r.idx_scan,
+            datname=datname, schema=r["schema"], table=r["table"], total_bytes=r["total_bytes"],
+            heap_bytes=r["heap_bytes"], indexes_bytes=r["indexes_bytes"],
+            toast_bytes=r["toast_bytes"], live_rows=r["live_rows"] or 0,
+            dead_rows=r["dead_rows"] or 0, seq_scans=r["seq_scan"] or 0, index_scans=r["idx_scan"],
         )
 
 
@@ -48,10 +49,13 @@ async def table_sizes(
 ) -> list[TableSize]:
     """The `limit` biggest tables across the databases (0: all), biggest first."""
     out: list[TableSize] = []
+    query = definition("tables").query("tables")
     for db in await report_databases(target, database, statement_timeout):
         async with target.session(db, statement_timeout=statement_timeout) as conn:
-            rows = [TableRow.from_mapping(m) for m in (await conn.execute(text(TABLES_SQL))).mappings()]
-        out += [TableSize.from_row(db, r) for r in select_tables(rows, limit if limit > 0 else len(rows))]
+            sql = sql_for(query, target.server_version_num or 0, {})
+            assert sql is not None
+            _, rows = await run_query(conn, sql)
+        out += [TableSize.from_row(db, r) for r in rows]
     out.sort(key=_rank)
     return out[:limit] if limit > 0 else out
 

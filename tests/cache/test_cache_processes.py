@@ -16,6 +16,7 @@ from metrics_text import samples, types, value
 
 from exporter.cache.collector import CacheCollector
 from exporter.config import CacheSettings, RedisTargetConfig
+from exporter.definitions import builtin_definitions
 from exporter.demo.servers import free_port
 from exporter.errors import ConnectError
 
@@ -53,7 +54,7 @@ def test_four_processes_load_once(redis_url: str) -> None:
 async def test_counters_of_three_processes_add_up_in_the_daemons_metrics(redis_url: str) -> None:
     procs = [p for i in range(3) for p in _run("counters", redis_url, "app:stats", str(i))]
     _finish(procs)
-    off = {k: {"enabled": False} for k in ("activity", "statements", "indexes", "tables", "database")}
+    off = {d.name: {"enabled": False} for d in builtin_definitions()}
     config = {"redis": [{"name": "cache", "url": redis_url, "stats_key": "app:stats"}],
               "collectors": {**fast_collectors(), **off}}
     async with running_daemon(config) as daemon:

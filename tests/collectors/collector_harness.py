@@ -14,7 +14,9 @@ import pytest
 from metrics_text import promtool_check_metrics  # noqa: F401 - re-exported for the collector tests
 
 from exporter.collector import CollectResult
-from exporter.config import DatabaseSelection, PostgresTargetConfig
+from exporter.config import DatabaseSelection, PostgresTargetConfig, collector_settings
+from exporter.daemon import postgres_collector
+from exporter.definitions import builtin_definitions, definition
 from exporter.demo.servers import PostgresCluster
 from exporter.postgres.collector import PostgresCollector
 from exporter.postgres.engine import PostgresTarget
@@ -64,6 +66,18 @@ async def target_for(
         yield target
     finally:
         await target.dispose()
+
+
+def builtin(target: PostgresTarget, name: str, **settings: Any) -> PostgresCollector:
+    """A built-in collector as the daemon builds it (its definition, its settings model)."""
+    collector = postgres_collector(target, definition(name), collector_settings(name, **settings))
+    assert isinstance(collector, PostgresCollector)
+    return collector
+
+
+def builtin_names() -> list[str]:
+    """Every built-in PostgreSQL collector, from the definitions."""
+    return [d.name for d in builtin_definitions()]
 
 
 @dataclass

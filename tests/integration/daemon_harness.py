@@ -16,6 +16,7 @@ import aiohttp
 
 from exporter.config import build_config
 from exporter.daemon import Daemon
+from exporter.definitions import builtin_definitions
 from exporter.demo.servers import free_port
 
 FAST = {"interval": "1s", "timeout": "1s"}
@@ -23,11 +24,20 @@ FAST = {"interval": "1s", "timeout": "1s"}
 
 def fast_collectors(**overrides: Any) -> dict[str, Any]:
     """Every collector on a 1 s schedule (tests wait for a collection, not for minutes)."""
-    names = ["activity", "statements", "indexes", "tables", "database", "cache"]
-    out: dict[str, Any] = {n: dict(FAST) for n in names}
+    out: dict[str, Any] = {n: dict(FAST) for n in collector_names()}
     for name, extra in overrides.items():
         out[name] = {**out[name], **extra}
     return out
+
+
+def collector_names() -> list[str]:
+    """Every collector the daemon can run (the definitions, and cache): the one list tests use."""
+    return [d.name for d in builtin_definitions()] + ["cache"]
+
+
+def all_off_except(*keep: str) -> dict[str, Any]:
+    """`collectors:` with every collector but `keep` switched off."""
+    return {name: {"enabled": False} for name in collector_names() if name not in keep}
 
 
 @asynccontextmanager

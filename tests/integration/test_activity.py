@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-from daemon_harness import fast_collectors, fetch, next_round, running_daemon
+from daemon_harness import all_off_except, fast_collectors, fetch, next_round, running_daemon
 from metrics_text import samples, types, value
 
 from exporter.demo.servers import PostgresCluster
 
 
 def config(pg: PostgresCluster, **activity: object) -> dict:
-    cols = {k: {"enabled": False} for k in ("statements", "indexes", "tables", "database", "cache")}
+    cols = all_off_except("activity")
     return {"postgres": [{"name": "main", "dsn": pg.dsn}],
             "collectors": {**fast_collectors(activity=activity), **cols}}
 

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from daemon_harness import (
     DaemonProcess,
+    all_off_except,
     fast_collectors,
     fetch,
     next_round,
@@ -24,7 +25,7 @@ from metrics_text import promtool_check_metrics, value
 
 from exporter.demo.servers import PostgresCluster, free_port
 
-OTHERS_OFF = {k: {"enabled": False} for k in ("statements", "indexes", "tables", "database", "cache")}
+OTHERS_OFF = all_off_except("activity")
 
 
 def cfg(*targets: dict) -> dict:
@@ -182,11 +183,11 @@ async def test_sighup_reload_valid_then_invalid(pg: PostgresCluster, proc_log: s
             async with aiohttp.ClientSession() as s, s.get(p.base + "/metrics") as r:
                 return await r.text()
 
-        await wait_for(lambda: _contains(metrics(), 'pgcache_up{target="first"} 1.0'), what="first target up")
+        await wait_for(lambda: _contains(metrics(), 'pgcache_up{target="first"} 1\n'), what="first target up")
         # A valid new config takes effect without a restart.
         conf.write_text(f"postgres:\n  - {{name: second, dsn: '{pg.dsn}'}}\n" + base_doc)
         p.signal(signal.SIGHUP)
-        await wait_for(lambda: _contains(metrics(), 'pgcache_up{target="second"} 1.0'), what="second target up")
+        await wait_for(lambda: _contains(metrics(), 'pgcache_up{target="second"} 1\n'), what="second target up")
         text = await metrics()
         assert 'target="first"' not in text
         # An invalid one is rejected with a logged error; the running config stays.
@@ -196,7 +197,7 @@ async def test_sighup_reload_valid_then_invalid(pg: PostgresCluster, proc_log: s
         assert 'collectors.activity.interval: "soon" is not a duration' in p.log()
         await asyncio.sleep(1.5)
         text = await metrics()
-        assert 'pgcache_up{target="second"} 1.0' in text and "third" not in text
+        assert 'pgcache_up{target="second"} 1\n' in text and "third" not in text
         assert p.proc is not None and p.proc.poll() is None
         p.signal(signal.SIGTERM)
         assert await asyncio.to_thread(p.wait, 10) == 0

@@ -8,7 +8,14 @@ import asyncio
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from daemon_harness import fast_collectors, fetch, next_round, running_daemon, wait_for
+from daemon_harness import (
+    all_off_except,
+    fast_collectors,
+    fetch,
+    next_round,
+    running_daemon,
+    wait_for,
+)
 from metrics_text import types, value
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -16,10 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from exporter import daemon as daemon_module
 from exporter.cache import CachingService
 from exporter.collector import CollectResult
+from exporter.definitions import builtin_definitions
 from exporter.demo.servers import PostgresCluster, RedisServer
 from exporter.postgres.collector import PostgresCollector
 
-OFF = {k: {"enabled": False} for k in ("statements", "indexes", "tables", "database", "cache")}
+OFF = all_off_except("activity")
 
 
 def config(dsn: str, **collectors: dict) -> dict:
@@ -70,7 +78,7 @@ async def test_postgres_killed_then_restarted(pg_private: PostgresCluster) -> No
 async def test_hung_query_times_out_without_leaking_connections(
     pg_private: PostgresCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(daemon_module.POSTGRES_COLLECTORS, "database", SleepyCollector)
+    monkeypatch.setitem(daemon_module.HAND_WRITTEN, "database", SleepyCollector)
     monkeypatch.setattr(SleepyCollector, "sleep", 30.0)
     cfg = config(pg_private.dsn, database={"enabled": True, "interval": "2s", "timeout": "1s"})
     async with running_daemon(cfg) as d:
@@ -118,7 +126,7 @@ async def test_max_connections_exhausted(pg_private: PostgresCluster) -> None:
 
 
 async def test_collector_bug_is_contained(pg: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(daemon_module.POSTGRES_COLLECTORS, "database", BrokenCollector)
+    monkeypatch.setitem(daemon_module.HAND_WRITTEN, "database", BrokenCollector)
     async with running_daemon(config(pg.dsn, database=dict(fast_collectors()["database"]))) as d:
         await next_round(d, "database")
         await next_round(d, "activity")
@@ -132,7 +140,7 @@ async def test_collector_bug_is_contained(pg: PostgresCluster, monkeypatch: pyte
 
 
 async def test_reload_while_a_job_runs(pg: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(daemon_module.POSTGRES_COLLECTORS, "database", SleepyCollector)
+    monkeypatch.setitem(daemon_module.HAND_WRITTEN, "database", SleepyCollector)
     monkeypatch.setattr(SleepyCollector, "sleep", 2.5)
     doc = config(pg.dsn, database={"enabled": True, "interval": "10s", "timeout": "5s"})
     current = {"doc": doc}
@@ -151,7 +159,7 @@ async def test_reload_while_a_job_runs(pg: PostgresCluster, monkeypatch: pytest.
 
 async def test_redis_down_restarted_and_flushed(pg: PostgresCluster, redis_private: RedisServer) -> None:
     doc = {"redis": [{"name": "cache", "url": redis_private.url}],
-           "collectors": {**fast_collectors(), **{k: {"enabled": False} for k in ("activity", "statements", "indexes", "tables", "database")}}}
+           "collectors": {**fast_collectors(), **{d.name: {"enabled": False} for d in builtin_definitions()}}}
     async with CachingService(redis_private.url) as svc:
         for i in range(5):
             await svc.get_or_load("users", {"id": i % 2}, lambda: _value(), ttl=60)

@@ -11,6 +11,7 @@ from daemon_harness import fast_collectors, fetch, next_round, running_daemon, w
 from metrics_text import promtool_check_metrics, samples
 from prometheus_harness import prometheus_ready, prometheus_server
 
+from exporter.definitions import builtin_definitions
 from exporter.demo.servers import PostgresCluster
 
 
@@ -60,7 +61,7 @@ async def test_hostile_names_survive_promtool_and_prometheus(
             },
         }
         async with running_daemon(config) as d:
-            for collector in ("activity", "statements", "indexes", "tables", "database"):
+            for collector in [d.name for d in builtin_definitions()]:
                 await next_round(d, collector)
             _, body = await fetch(d)
             promtool_check_metrics(promtool, body.encode())

@@ -10,12 +10,12 @@ from pathlib import Path
 import aiohttp
 import bcrypt
 import pytest
-from daemon_harness import fast_collectors, running_daemon, url
+from daemon_harness import all_off_except, fast_collectors, running_daemon, url
 
 from exporter.config import ConfigError
 from exporter.demo.servers import PostgresCluster
 
-OFF = {k: {"enabled": False} for k in ("statements", "indexes", "tables", "database", "cache")}
+OFF = all_off_except("activity")
 
 
 def openssl(*args: str, cwd: Path) -> None:

@@ -4,10 +4,13 @@ indexes, the limits."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import IndexesSettings
+from exporter.definitions import definition
 from exporter.postgres.indexes import (
     IndexRow,
     index_families,
@@ -15,7 +18,8 @@ from exporter.postgres.indexes import (
     is_unused_candidate,
     redundant_indexes,
 )
-from exporter.postgres.tables import TableRow, select_tables, table_families
+from exporter.postgres.queries import render_rows
+from exporter.snapshot import render_text
 
 MB = 1_000_000
 DAY = 86400.0
@@ -81,12 +85,13 @@ def test_index_families_limit_prefers_flagged() -> None:
     rows.append(replace(PLAIN, index="unused", indexrelid=99, columns=(9,), size_bytes=2 * MB))
     settings = IndexesSettings(unused_min_stats_age=0, limit=3)  # type: ignore[arg-type]
     fams, dropped = index_families("m", "db", rows, stats_age=10.0, settings=settings, last_scan=False)
-    by = {f.name: f for f in fams}
-    assert dropped == 3
-    assert [s.labels["index"] for s in by["pgcache_index_scans"].samples] == ["unused", "i5", "i4"]
-    assert [s.labels["index"] for s in by["pgcache_index_unused"].samples] == ["unused"]
-    assert by["pgcache_database_stats_age_seconds"].samples[0].value == 10.0
-    assert "pgcache_index_last_scan_timestamp_seconds" not in by
+    text = render_text(fams).decode()
+    # Three indexes cut, four series each (scans, tuples read, tuples fetched, size).
+    assert dropped == 3 * 4
+    assert [s.labels["index"] for s in _samples(text, "pgcache_index_scans_total")] == ["unused", "i5", "i4"]
+    assert [s.labels["index"] for s in _samples(text, "pgcache_index_unused")] == ["unused"]
+    assert [s.value for s in _samples(text, "pgcache_database_stats_age_seconds")] == [10.0]
+    assert "pgcache_index_last_scan_timestamp_seconds" not in text
 
 
 def test_last_scan_column_by_server_version() -> None:
@@ -95,11 +100,26 @@ def test_last_scan_column_by_server_version() -> None:
 
 
 def test_tables_limit_and_locked_last() -> None:
-    rows = [TableRow(schema="s", table=f"t{n}", heap_bytes=n, indexes_bytes=0, toast_bytes=0) for n in range(5)]
-    rows.append(TableRow(schema="s", table="locked", locked=True))
-    assert [r.table for r in select_tables(rows, 3)] == ["t4", "t3", "t2"]
-    fams, dropped = table_families("m", "db", rows, 10)
-    by = {f.name: f for f in fams}
-    assert dropped == 0
-    assert "locked" not in {s.labels["table"] for s in by["pgcache_table_size_bytes"].samples}
-    assert by["pgcache_tables_skipped_locked"].samples[0].value == 1
+    """The tables definition on the generic path: top `limit` by total size, locked ones (size
+    unknown) last, every locked table counted, the cut counted in series."""
+    defn = definition("tables")
+    query = defn.query("tables")
+    cols = ["schema", "table", "live_rows", "dead_rows", "seq_scan", "idx_scan", "last_vacuum",
+            "last_autovacuum", "last_analyze", "last_autoanalyze", "locked", "heap_bytes",
+            "indexes_bytes", "toast_bytes", "total_bytes"]
+
+    def row(name: str, size: int | None, locked: int = 0) -> tuple[object, ...]:
+        return ("s", name, 1, 0, 2, None, None, None, None, None, locked, size, 0 if size is not None else None,
+                0 if size is not None else None, size)
+
+    rows = [row(f"t{n}", n) for n in range(5)] + [row("locked", None, 1)]
+    out = render_rows(defn, query, cols, rows, ["m", "db"], server_version_num=150000, limit=3)
+    text = render_text(out.families).decode()
+    assert [s.labels["table"] for s in _samples(text, "pgcache_table_size_bytes")] == ["t4", "t3", "t2"]
+    assert [s.value for s in _samples(text, "pgcache_tables_skipped_locked")] == [1]
+    # Cut: t1, t0 (size, indexes, toast, live, dead, seq scans: 6 series each) and locked (3).
+    assert out.dropped == 2 * 6 + 3
+
+
+def _samples(text: str, name: str) -> list[Any]:
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]

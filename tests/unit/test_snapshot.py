@@ -76,8 +76,8 @@ def test_a_run_replaces_its_part_whole_and_a_failure_keeps_it() -> None:
     snap.record("a", "tables", result=None, duration=5, error="timed out", reachable=None)
     after = snap.text().decode()
     assert 'table="t0"' in after
-    assert 'pgcache_collector_success{target="a",collector="tables"} 0.0' in after
-    assert 'pgcache_collector_errors_total{target="a",collector="tables"} 1.0' in after
+    assert 'pgcache_collector_success{target="a",collector="tables"} 0\n' in after
+    assert 'pgcache_collector_errors_total{target="a",collector="tables"} 1\n' in after
 
 
 def test_cached_bytes_change_only_with_a_new_version() -> None:

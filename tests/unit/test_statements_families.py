@@ -3,6 +3,7 @@ query text labels, and the families built from rows."""
 
 from __future__ import annotations
 
+from metrics_text import samples
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.postgres.statements import (
@@ -27,10 +28,10 @@ def test_sql_follows_the_extension_version() -> None:
     old = statements_sql("public", (1, 7))
     assert "total_time" in old and "total_exec_time" not in old and "total_plan_time" not in old
     pg13 = statements_sql("public", parse_extversion("1.8"))
-    assert "total_exec_time" in pg13 and "total_plan_time" in pg13 and "s.blk_read_time" not in pg13
-    assert "blk_read_time" in pg13
+    assert "total_exec_time" in pg13 and "total_plan_time" in pg13 and "shared_blk_read_time" not in pg13
+    assert "s.blk_read_time" in pg13
     pg17 = statements_sql('"my schema"', (1, 11))
-    assert "shared_blk_read_time + local_blk_read_time" in pg17 and " blk_read_time" not in pg17
+    assert "s.shared_blk_read_time + s.local_blk_read_time" in pg17 and "s.blk_read_time" not in pg17
     assert '"my schema".pg_stat_statements(false)' in pg17
 
 
@@ -82,9 +83,9 @@ def test_units_and_optional_families() -> None:
     assert "pgcache_statement_block_read_seconds" not in names  # track_io_timing off
     assert "pgcache_statement_info" not in names  # texts off
     assert "pgcache_statements_deallocations" not in names  # before 1.9
-    fams = {f.name: f for f in statement_families("m", [r], io_timing=True, dealloc=3, stats_reset=1.5e9)}
-    assert fams["pgcache_statement_exec_seconds"].samples[0].value == 1.5
-    assert fams["pgcache_statement_plan_seconds"].samples[0].value == 0.25
-    assert fams["pgcache_statement_block_read_seconds"].samples[0].value == 0.02
-    assert fams["pgcache_statements_deallocations"].samples[0].value == 3
-    assert fams["pgcache_statements_stats_reset_timestamp_seconds"].samples[0].value == 1.5e9
+    text = render_text(statement_families("m", [r], io_timing=True, dealloc=3, stats_reset=1.5e9))
+    assert samples(text, "pgcache_statement_exec_seconds_total") == [1.5]
+    assert samples(text, "pgcache_statement_plan_seconds_total") == [0.25]
+    assert samples(text, "pgcache_statement_block_read_seconds_total") == [0.02]
+    assert samples(text, "pgcache_statements_deallocations_total") == [3]
+    assert samples(text, "pgcache_statements_stats_reset_timestamp_seconds") == [1.5e9]
