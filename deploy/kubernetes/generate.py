@@ -5,6 +5,8 @@
 
     python deploy/kubernetes/generate.py           # (re)write the files
     python deploy/kubernetes/generate.py --check   # exit 1 if a committed file differs (drift)
+    python deploy/kubernetes/generate.py --runbook-base URL --grafana-url URL   # your own links
+                                                   # (the committed files keep alerts.yml's)
 
 A missing source is reported and its manifest is not written (the test suite requires both).
 """
@@ -12,6 +14,7 @@ A missing source is reported and its manifest is not written (the test suite req
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -54,11 +57,24 @@ def _dump(doc: Any) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 16)
 
 
-def prometheus_rule(alerts: Path = ALERTS) -> dict[str, Any]:
-    """The PrometheusRule for the Prometheus Operator; its groups are alerts.yml's, unchanged."""
+def _short_rules() -> Any:
+    spec = importlib.util.spec_from_file_location("short_rules", ALERTS.with_name("short_rules.py"))
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prometheus_rule(
+    alerts: Path = ALERTS, *, runbook_base: str | None = None, grafana_url: str | None = None
+) -> dict[str, Any]:
+    """The PrometheusRule for the Prometheus Operator; its groups are alerts.yml's, unchanged
+    but for the runbook and Grafana link bases when given."""
     source = yaml.safe_load(alerts.read_text())
     if not isinstance(source, dict) or not isinstance(source.get("groups"), list):
         raise ValueError(f"{alerts}: expected a Prometheus rules file with a `groups` list")
+    if runbook_base or grafana_url:
+        source = _short_rules().rebase(source, runbook_base=runbook_base, grafana_url=grafana_url)
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -91,11 +107,12 @@ def dashboards_manifest(folder: Path = DASHBOARDS) -> list[dict[str, Any]]:
     return docs
 
 
-def render() -> dict[Path, str]:
+def render(*, runbook_base: str | None = None, grafana_url: str | None = None) -> dict[Path, str]:
     """The generated files and their content; sources that do not exist yet are left out."""
     out: dict[Path, str] = {}
     if ALERTS.is_file():
-        out[OUT / "prometheusrule.yaml"] = _header("deploy/prometheus/alerts.yml") + _dump(prometheus_rule())
+        rule = prometheus_rule(runbook_base=runbook_base, grafana_url=grafana_url)
+        out[OUT / "prometheusrule.yaml"] = _header("deploy/prometheus/alerts.yml") + _dump(rule)
     dashboards = dashboards_manifest() if DASHBOARDS.is_dir() else []
     if dashboards:
         out[OUT / "dashboards.yaml"] = _header("grafana/dashboards/*.json") + "".join(
@@ -107,13 +124,15 @@ def render() -> dict[Path, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
+    parser.add_argument("--runbook-base", help="base URL of the runbook (docs/dashboards-and-alerts.md)")
+    parser.add_argument("--grafana-url", help="base URL of the Grafana serving the dashboards")
     args = parser.parse_args(argv)
     if not ALERTS.is_file():
         print(f"generate.py: {ALERTS.relative_to(REPO)} does not exist: no PrometheusRule", file=sys.stderr)
     if not any(DASHBOARDS.glob("*.json")):
         print(f"generate.py: no {DASHBOARDS.relative_to(REPO)}/*.json: no dashboard ConfigMaps", file=sys.stderr)
     drift = 0
-    for path, text in render().items():
+    for path, text in render(runbook_base=args.runbook_base, grafana_url=args.grafana_url).items():
         rel = path.relative_to(REPO)
         current = path.read_text() if path.is_file() else None
         if args.check:

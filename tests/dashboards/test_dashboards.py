@@ -17,7 +17,8 @@ BOARDS = promql.dashboard_files()
 DS = {"type": "prometheus", "uid": "${datasource}"}
 # One value per variable, for the static parse (any valid matcher text will do).
 STATIC_VALUES = {"datasource": "prom", "job": "pgcache-exporter", "target": "main", "datname": "app",
-                 "cache_target": "cache", "namespace": "user_stats"}
+                 "cache_target": "cache", "namespace": "user_stats", "queryid": "123"}
+STATEMENT_KEY = "target, datname, user, queryid"
 
 
 def ids(paths: list[Path]) -> list[str]:
@@ -47,10 +48,10 @@ def variables(b: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v for v in b["templating"]["list"]}
 
 
-def test_the_five_dashboards_exist() -> None:
+def test_the_six_dashboards_exist() -> None:
     uids = sorted(promql.load(p)["uid"] for p in BOARDS)
     assert uids == sorted(["pgcache-overview", "pgcache-queries", "pgcache-indexes-tables",
-                           "pgcache-cache", "pgcache-exporter"])
+                           "pgcache-cache", "pgcache-exporter", "pgcache-statement"])
 
 
 def test_uids_and_titles_are_unique() -> None:
@@ -202,3 +203,132 @@ def test_provisioning_points_at_the_dashboards() -> None:
         mounts = yaml.safe_load(compose.read_text())["services"]["grafana"]["volumes"]
         assert any(m.startswith("../grafana/dashboards:" + provider["options"]["path"]) for m in mounts), mounts
         assert any(m.startswith("../grafana/provisioning:/etc/grafana/provisioning") for m in mounts), mounts
+
+
+# -- conventions an SRE expects (issue 18) -----------------------------------------------------------
+def targets_of(board: dict[str, Any], *types: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(p, t) for p in panels(board) if p["type"] in types for t in p.get("targets", [])]
+
+
+def multi(board: dict[str, Any], name: str) -> bool:
+    v = variables(board).get(name)
+    return bool(v and v.get("multi"))
+
+
+def test_stat_tiles_are_instant_queries(board: dict[str, Any]) -> None:
+    """A range query with lastNotNull keeps showing the last value (UP) after the exporter died."""
+    for p, t in targets_of(board, "stat"):
+        assert t.get("instant") is True and t.get("range") is False, (board["uid"], p["title"])
+
+
+def test_tables_are_instant_queries(board: dict[str, Any]) -> None:
+    for p, t in targets_of(board, "table"):
+        assert t.get("instant") is True and t.get("format") == "table", (board["uid"], p["title"])
+
+
+def test_up_tiles_map_zero_and_one_to_words(board: dict[str, Any]) -> None:
+    for p, t in targets_of(board, "stat"):
+        if re.match(r"^\s*(up|pgcache_up|pgcache_redis_up)\{", t["expr"]):
+            (mapping,) = p["fieldConfig"]["defaults"]["mappings"]
+            assert set(mapping["options"]) == {"0", "1"}, p["title"]
+            assert mapping["options"]["0"]["color"] == "red", p["title"]
+
+
+def test_overview_shows_the_exporter_scrape() -> None:
+    board = promql.load(promql.DASHBOARDS / "overview.json")
+    assert any(re.match(r'^up\{job=~"\$job"\}$', t["expr"]) for _, t in targets_of(board, "stat"))
+
+
+def test_no_instance_legend_on_a_label_the_exporter_sets(board: dict[str, Any]) -> None:
+    """Prometheus renames an exported `instance` label to exported_instance (honor_labels: false):
+    {{instance}} would show the exporter's own address on every line."""
+    for p, t in targets_of(board, "timeseries", "stat"):
+        if "{{instance}}" in t["legendFormat"]:
+            own = [n for n in promql.metric_names(t["expr"]) if "instance" in promql.series_labels(n)]
+            assert not own, (board["uid"], p["title"], own)
+
+
+def test_legends_name_the_target_where_several_can_be_chosen(board: dict[str, Any]) -> None:
+    for p, t in targets_of(board, "timeseries", "stat"):
+        names = promql.metric_names(t["expr"])
+        if not any("target" in promql.series_labels(n) for n in names):
+            continue
+        var = "cache_target" if "$cache_target" in t["expr"] else "target"
+        if multi(board, var):
+            assert "{{target}}" in t["legendFormat"], (board["uid"], p["title"], t["legendFormat"])
+
+
+def test_tables_show_the_target_where_several_can_be_chosen(board: dict[str, Any]) -> None:
+    if not multi(board, "target"):
+        return
+    for p in panels(board):
+        for tr in p.get("transformations", []):
+            assert not tr["options"].get("excludeByName", {}).get("target"), (board["uid"], p["title"])
+
+
+def test_topk_on_range_queries_picks_its_members_once(board: dict[str, Any]) -> None:
+    """topk in a range query is evaluated at every step: its members change and the panel draws
+    more than N broken lines. Range panels rank once, over the whole range (`@ end()`)."""
+    for p, t in targets_of(board, "timeseries"):
+        if "topk(" in t["expr"]:
+            assert "@ end()" in t["expr"] and re.search(r"\band on \(", t["expr"]), (board["uid"], p["title"])
+
+
+def test_large_dashboards_have_rows(board: dict[str, Any]) -> None:
+    if len([p for p in panels(board) if p["type"] != "row"]) > 12:
+        assert any(p["type"] == "row" for p in board["panels"]), board["uid"]
+
+
+def test_panel_titles_promise_no_more_than_their_queries(board: dict[str, Any]) -> None:
+    for p in panels(board):
+        if "size" in p["title"].lower():
+            exprs = " ".join(t["expr"] for t in p.get("targets", []))
+            assert "size" in exprs or p["type"] == "row", (board["uid"], p["title"])
+
+
+def statement_info_joins(board: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(p, t) for p, t in targets_of(board, "table", "timeseries") if "pgcache_statement_info" in t["expr"]]
+
+
+def test_statement_tables_keep_statements_without_text(board: dict[str, Any]) -> None:
+    """pgcache_statement_info is absent under query_text_length: 0, for the queryid="" bucket and
+    for texts hidden by privileges: a plain join would drop those statements."""
+    for p, t in statement_info_joins(board):
+        expr = t["expr"]
+        assert "group_left (query)" in expr, p["title"]
+        assert f"or on ({STATEMENT_KEY})" in expr, (board["uid"], p["title"])
+        # The fallback is the same ranking the join starts from.
+        joined, fallback = expr.rsplit(f"or on ({STATEMENT_KEY})", 1)
+        assert fallback.strip() in joined, (board["uid"], p["title"])
+
+
+def test_statement_rows_link_to_the_statement_dashboard() -> None:
+    board = promql.load(promql.DASHBOARDS / "queries.json")
+    tables = [p for p in panels(board) if p["type"] == "table"]
+    assert len(tables) == 3
+    for p in tables:
+        (override,) = [o for o in p["fieldConfig"]["overrides"] if o["matcher"]["options"] == "queryid"]
+        (link,) = [x for x in override["properties"] if x["id"] == "links"][0]["value"]
+        assert link["url"].startswith("/d/pgcache-statement?"), link
+        for part in ("var-queryid=${__value.raw}", "var-target=${__data.fields.target}",
+                     "var-datname=${__data.fields.datname}", "${__url_time_range}"):
+            assert part in link["url"], (p["title"], part)
+    for p in panels(board):
+        if p["type"] == "timeseries" and "queryid" in " ".join(t["legendFormat"] for t in p["targets"]):
+            (link,) = p["fieldConfig"]["defaults"]["links"]
+            assert "var-queryid=${__field.labels.queryid}" in link["url"], p["title"]
+
+
+def test_statement_dashboard_shows_one_queryid_over_time() -> None:
+    board = promql.load(promql.DASHBOARDS / "statement.json")
+    vs = variables(board)
+    assert "queryid" in vs and not vs["queryid"]["multi"]
+    exprs = " ".join(t["expr"] for p in panels(board) for t in p.get("targets", []))
+    for family in ("pgcache_statement_calls_total", "pgcache_statement_exec_seconds_total",
+                   "pgcache_statement_rows_total", "pgcache_statement_shared_blocks_read_total",
+                   "pgcache_statement_shared_blocks_hit_total", "pgcache_statement_info"):
+        assert family in exprs, family
+    for q in promql.queries(board):
+        for name, m in promql.selectors(q.expr):
+            if "queryid" in promql.series_labels(name) and q.where != "variable queryid":
+                assert m.get("queryid") == "=~$queryid", (q.where, name)
