@@ -175,6 +175,9 @@ class Query(Model):
     # A label naming a database in a cluster-wide query: rows of databases outside the
     # target's `databases` selection are left out.
     database_label: str | None = None
+    # Run this query on every Nth run of its collector only (its figures from the last run that
+    # read them stand in between): for slow-moving, expensive figures such as sizes.
+    every: int = Field(default=1, ge=1, le=1000)
 
     @field_validator("sql", mode="before")
     @classmethod
@@ -218,7 +221,7 @@ class Definition(Model):
     def _flat(cls, data: Any) -> Any:
         if isinstance(data, dict) and "sql" in data:
             data = dict(data)
-            query = {k: data.pop(k) for k in ("sql", "labels", "metrics", "limit", "database_label")
+            query = {k: data.pop(k) for k in ("sql", "labels", "metrics", "limit", "database_label", "every")
                      if k in data}
             if "queries" in data:
                 raise PydanticCustomError("queries", "give either sql (one query) or queries, not both")

@@ -212,6 +212,8 @@ class DefinitionCollector(PostgresCollector):
         self.limit: int | None = getattr(settings, "limit", None)
         if self.limit is None and definition.limit is not None:
             self.limit = definition.limit.default
+        # (query name, database) -> runs since the query last read its figures, and what it read.
+        self._kept: dict[tuple[str, str | None], tuple[int, Rendered]] = {}
 
     def visit(self, databases: list[str]) -> list[str]:
         return [d for d in databases if self._in_definition(d)]
@@ -262,10 +264,24 @@ class DefinitionCollector(PostgresCollector):
         families: list[Any] = []
         dropped = 0
         for query in self.definition.queries:
-            got = await self.rows(conn, query, exts)
-            if got is None:
-                continue
-            out = self.render(query, got[0], got[1], datname)
-            families += out.families
-            dropped += out.dropped
+            out = await self._run(conn, query, exts, datname)
+            if out is not None:
+                families += out.families
+                dropped += out.dropped
         return CollectResult(families, dropped=dropped)
+
+    async def _run(
+        self, conn: AsyncConnection, query: Query, exts: Extensions | None, datname: str | None
+    ) -> Rendered | None:
+        key = (query.name, datname)
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] < query.every:
+            self._kept[key] = (kept[0] + 1, kept[1])
+            return kept[1]
+        got = await self.rows(conn, query, exts)
+        if got is None:
+            return None
+        out = self.render(query, got[0], got[1], datname)
+        if query.every > 1:
+            self._kept[key] = (1, out)
+        return out

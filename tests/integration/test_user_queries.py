@@ -74,3 +74,29 @@ async def test_user_queries_run_and_a_broken_one_fails_alone(pg: PostgresCluster
     assert status.last_error is not None
     assert "collector broken: column 'two' is not in the query's result (it has: one)" in status.last_error
     assert "column &#x27;two&#x27;" in landing or "column 'two'" in landing
+
+
+async def test_every_reads_a_query_on_every_nth_run_only(pg: PostgresCluster) -> None:
+    from collectors.collector_harness import collect, target_for
+
+    from exporter.config import CollectorSettings
+    from exporter.definitions import Definition
+    from exporter.postgres.queries import DefinitionCollector
+
+    defn = Definition.model_validate({
+        "name": "clock", "interval": "1s", "timeout": "1s",
+        "queries": [
+            {"name": "fast", "sql": "SELECT extract(epoch FROM clock_timestamp())::float8 AS t",
+             "metrics": [{"column": "t", "name": "pgcache_clock_fast", "type": "gauge", "help": "t"}]},
+            {"name": "slow", "every": 2,
+             "sql": "SELECT extract(epoch FROM clock_timestamp())::float8 AS t",
+             "metrics": [{"column": "t", "name": "pgcache_clock_slow", "type": "gauge", "help": "t"}]},
+        ],
+    })
+    async with target_for(pg.dsn) as t:
+        collector = DefinitionCollector(t, CollectorSettings(interval=1, timeout=1), defn)
+        runs = [await collect(collector) for _ in range(3)]
+    fast = [value(r.text, "pgcache_clock_fast") for r in runs]
+    slow = [value(r.text, "pgcache_clock_slow") for r in runs]
+    assert fast[0] < fast[1] < fast[2]  # read on every run
+    assert slow[0] == slow[1] < slow[2]  # read on runs 1 and 3; run 2 repeats run 1's figure
