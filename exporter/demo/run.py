@@ -72,7 +72,7 @@ def run_demo(
             stop = asyncio.Event()
             workload = asyncio.create_task(run_demo_workload(pg.dsn, redis.url, stop))
             print(
-                f"pgcache-exporter demo: PostgreSQL {pg.major} at {pg.dsn}, Redis at {redis.url}\n"
+                f"pgcache-exporter demo: started\n  {pg.describe()} at {pg.dsn}\n  {redis.describe()} at {redis.url}\n"
                 f"  metrics: http://{args.listen_address.replace('0.0.0.0', '127.0.0.1')}/metrics\n"
                 "  the blog workload runs through the cache; Ctrl-C stops and removes everything.",
                 flush=True,

