@@ -283,6 +283,9 @@ class CacheSettings(CollectorSettings):
     max_namespaces: int = Field(default=200, ge=1, le=100_000)
 
 
+from .advisor.settings import AdvisorSettings  # noqa: E402  (it subclasses CollectorSettings)
+
+
 class CollectorsConfig(_Model):
     activity: ActivitySettings = ActivitySettings()
     statements: StatementsSettings = StatementsSettings()
@@ -290,6 +293,7 @@ class CollectorsConfig(_Model):
     tables: TablesSettings = TablesSettings()
     database: DatabaseSettings = DatabaseSettings()
     cache: CacheSettings = CacheSettings()
+    advisor: AdvisorSettings = AdvisorSettings()
 
 
 def _shard_index(value: object) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .advisor.collector import AdvisorCollector
 from .cache.collector import CacheCollector
 from .collector import Collector
 from .config import Config, split_listen_address
@@ -40,6 +41,7 @@ POSTGRES_COLLECTORS: dict[str, type[PostgresCollector]] = {
     "indexes": IndexesCollector,
     "tables": TablesCollector,
     "database": DatabaseCollector,
+    "advisor": AdvisorCollector,
 }
 
 
