@@ -107,6 +107,12 @@ class AdvisorCollector(PostgresCollector):
         self._tops: dict[str, list[TopStatement]] = {}
 
     async def collect(self) -> CollectResult:
+        results, failures = await self.advise()
+        families, dropped = advice_families(self.target, results, self.advisor.limit)
+        return CollectResult(families, dropped=dropped, partial_errors=failures)
+
+    async def advise(self, database: str | None = None) -> tuple[list[DatabaseAdvice], list[str]]:
+        """Advice for every watched database (or only `database`), and the databases that failed."""
         from .planner import top_statements  # pglast loads here, on the first run
 
         timeout = self.settings.timeout * STATEMENT_TIMEOUT_SHARE
@@ -119,7 +125,8 @@ class AdvisorCollector(PostgresCollector):
                 "(CREATE EXTENSION pg_stat_statements, with it in shared_preload_libraries)"
             )
         self._tops = tops
-        databases = [db for db in await self.pg.databases(timeout) if db in tops]
+        watched = [database] if database is not None else await self.pg.databases(timeout)
+        databases = [db for db in watched if db in tops]
         results: list[DatabaseAdvice] = []
         failures: list[str] = []
         for db in databases:
@@ -130,8 +137,7 @@ class AdvisorCollector(PostgresCollector):
                 failures.append(str(e))
         if databases and not results:
             raise QueryError(failures[0])
-        families, dropped = advice_families(self.target, results, self.advisor.limit)
-        return CollectResult(families, dropped=dropped, partial_errors=failures)
+        return results, failures
 
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
         db = datname or self.pg.default_database

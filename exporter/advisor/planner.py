@@ -133,6 +133,8 @@ class Table:
     rows: float
     seq_scan: int
     idx_scan: int
+    seq_tup_read: int = 0
+    idx_tup_fetch: int = 0
 
     @property
     def qualified(self) -> str:
@@ -197,7 +199,8 @@ class Advice:
 
 @dataclass
 class SeqScanEvidence:
-    """Without HypoPG: a large table read mostly by sequential scans, and the top statements
+    """Without HypoPG: a large table whose rows are read mostly by sequential scans (more rows
+    read by them than fetched through indexes), and the top statements
     whose generic plan scans it sequentially."""
 
     datname: str
@@ -234,6 +237,7 @@ def quote_ident(name: str) -> str:
 TABLES_SQL = """
 SELECT c.oid, n.nspname AS schema, c.relname AS name, greatest(c.reltuples, 0)::float8 AS rows,
        coalesce(s.seq_scan, 0) AS seq_scan, coalesce(s.idx_scan, 0) AS idx_scan,
+       coalesce(s.seq_tup_read, 0) AS seq_tup_read, coalesce(s.idx_tup_fetch, 0) AS idx_tup_fetch,
        ARRAY(SELECT attname FROM pg_attribute
              WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped)::text[] AS columns
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -398,7 +402,7 @@ async def advise_database(
             if hypopg is None:
                 for relname in set(_seq_scanned(baseline)):
                     t = next((t for t in item.tables.values() if t.name == relname), None)
-                    if t is not None and t.rows >= min_table_rows and t.seq_scan >= t.idx_scan:
+                    if t is not None and t.rows >= min_table_rows and t.seq_tup_read >= t.idx_tup_fetch:
                         ev = scans.setdefault(t.oid, SeqScanEvidence(
                             datname, t.schema, t.name, t.rows, t.seq_scan, t.idx_scan))
                         ev.statements.append(st)
@@ -468,7 +472,7 @@ async def _table(conn: AsyncConnection, ref: TableRef) -> Table | None:
     if r is None:
         return None
     return Table(int(r["oid"]), r["schema"], r["name"], frozenset(r["columns"]), float(r["rows"]),
-                 int(r["seq_scan"]), int(r["idx_scan"]))
+                 int(r["seq_scan"]), int(r["idx_scan"]), int(r["seq_tup_read"]), int(r["idx_tup_fetch"]))
 
 
 def _existing_keys(indexes: dict[int, list[ExistingIndex]]) -> dict[int, list[tuple[str | None, ...]]]:
