@@ -22,6 +22,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    Select,
     String,
     Text,
     UniqueConstraint,
@@ -45,6 +46,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from ..cache import CachingService
 
 __all__ = [
+    "SEED_INDEXES",
     "Base",
     "CachedUserRepository",
     "Post",
@@ -52,12 +54,23 @@ __all__ = [
     "UserFollow",
     "asyncpg_url",
     "create_schema",
+    "popular_posts_query",
     "run_demo_workload",
     "run_workload",
     "seed_data",
 ]
 
 log = logging.getLogger(__name__)
+
+
+# The seed design's five indexes; the repository's queries use each of them.
+SEED_INDEXES = (
+    "idx_posts_author_published_created",
+    "idx_posts_published_only",
+    "idx_posts_tags_gin",
+    "idx_posts_engagement_score",
+    "idx_users_search_composite",
+)
 
 
 class Base(DeclarativeBase):
@@ -187,6 +200,22 @@ async def seed_data(engine: AsyncEngine, *, users: int = 500, posts: int = 5000,
         await conn.execute(text("ANALYZE users, posts, user_follows"))
 
 
+def popular_posts_query(limit: int) -> Select[Any]:
+    """The seed's popular-posts query, written so idx_posts_engagement_score serves it: the index's
+    expression in ORDER BY, and `= true` (never `IS true`, which does not imply the index's
+    predicate)."""
+    return (
+        select(
+            Post.id, Post.title, User.username.label("author_username"),
+            Post.like_count, Post.view_count, Post.created_at,
+        )
+        .join(User, Post.author_id == User.id)
+        .where(Post.is_published == true(), Post.is_deleted == false())
+        .order_by(ENGAGEMENT.desc())
+        .limit(limit)
+    )
+
+
 class CachedUserRepository:
     """The seed's cached repository, returning plain data (never ORM objects) and invalidating by
     tag: every entry about a user is stored with the tag ``user:<id>``."""
@@ -256,17 +285,7 @@ class CachedUserRepository:
         return await self.cache.invalidate_tags(f"user:{user_id}")
 
     async def get_popular_posts(self, limit: int) -> list[dict[str, Any]]:
-        stmt = (
-            select(
-                Post.id, Post.title, User.username.label("author_username"),
-                Post.like_count, Post.view_count, Post.created_at,
-            )
-            .join(User, Post.author_id == User.id)
-            # `= true`, never `IS true`: only the former implies the partial index's predicate.
-            .where(Post.is_published == true(), Post.is_deleted == false())
-            .order_by(ENGAGEMENT.desc())
-            .limit(limit)
-        )
+        stmt = popular_posts_query(limit)
         async with self.sessions() as session:
             rows = (await session.execute(stmt)).mappings().all()
         return [{**row, "created_at": row["created_at"].isoformat()} for row in rows]
