@@ -199,7 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 async def _explain(target: PostgresTarget, config: Config, args: argparse.Namespace) -> str:
     statement = read_statement(args.sql)
     literals = parse_params(args.params, statement)
-    raw: list[Any] | None = None
+    raw: list[Any] | dict[str, Any] | None = None
     if args.params is not None:
         import json
 
