@@ -72,7 +72,8 @@ class StatementShape:
 def _walk(node: Any) -> Iterator[ast.Node]:
     if isinstance(node, ast.Node):
         yield node
-        for name in node.__slots__:
+        slots: Any = getattr(node, "__slots__", ())
+        for name in slots:
             yield from _walk(getattr(node, name, None))
     elif isinstance(node, list | tuple):
         for item in node:
@@ -82,7 +83,7 @@ def _walk(node: Any) -> Iterator[ast.Node]:
 def param_count(sql: str) -> int:
     """The highest $n in the statement (pg_stat_statements writes constants as $1, $2, ...)."""
     stmts = parse_sql(sql)
-    return max((n.number for n in _walk(stmts) if isinstance(n, ast.ParamRef)), default=0)
+    return max((int(n.number or 0) for n in _walk(stmts) if isinstance(n, ast.ParamRef)), default=0)
 
 
 def _strip(node: Any) -> Any:
@@ -96,12 +97,18 @@ def _column(node: Any) -> tuple[str | None, str] | None:
     node = _strip(node)
     if not isinstance(node, ast.ColumnRef):
         return None
-    names = [f.sval for f in node.fields if isinstance(f, ast.String)]
-    if len(names) != len(node.fields) or not names:
+    fields = node.fields or ()
+    names = [str(f.sval) for f in fields if isinstance(f, ast.String)]
+    if len(names) != len(fields) or not names:
         return None  # `t.*`
     if len(names) == 1:
         return None, names[0]
     return names[-2], names[-1]
+
+
+def _op(expr: ast.A_Expr) -> str:
+    name = expr.name or ()
+    return str(name[-1].sval) if name and isinstance(name[-1], ast.String) else ""
 
 
 def statement_shape(sql: str) -> StatementShape | None:
@@ -127,10 +134,10 @@ def statement_shape(sql: str) -> StatementShape | None:
     by_alias: dict[str, TableRef] = {}
     for n in nodes:
         if isinstance(n, ast.RangeVar) and n.relname not in ctes:
-            ref = TableRef(n.schemaname, n.relname)
+            ref = TableRef(n.schemaname, str(n.relname))
             if ref not in tables:
                 tables.append(ref)
-            by_alias[n.alias.aliasname if n.alias is not None else n.relname] = ref
+            by_alias[str(n.alias.aliasname) if n.alias is not None else ref.name] = ref
     uses: dict[TableRef, ColumnUse] = {t: ColumnUse() for t in tables}
     unqualified = ColumnUse()
 
@@ -144,7 +151,7 @@ def statement_shape(sql: str) -> StatementShape | None:
 
     for n in nodes:
         if isinstance(n, ast.A_Expr):
-            op = n.name[-1].sval if n.name and isinstance(n.name[-1], ast.String) else ""
+            op = _op(n)
             left, right = _column(n.lexpr), _column(n.rexpr) if not isinstance(n.rexpr, tuple) else None
             if n.kind == A_Expr_Kind.AEXPR_OP and op in EQUALITY_OPS:
                 if left and right:
@@ -224,12 +231,12 @@ def predicate_columns(predicate: str) -> list[str]:
     while terms:
         term = terms.pop(0)
         if isinstance(term, ast.BoolExpr) and term.boolop == BoolExprType.AND_EXPR:
-            terms.extend(term.args)
+            terms.extend(term.args or ())
             continue
         if isinstance(term, ast.BoolExpr) and term.boolop == BoolExprType.NOT_EXPR:
-            term = term.args[0]
+            term = (term.args or (None,))[0]
         col: tuple[str | None, str] | None = None
-        if isinstance(term, ast.A_Expr) and term.kind == A_Expr_Kind.AEXPR_OP and term.name[-1].sval == "=":
+        if isinstance(term, ast.A_Expr) and term.kind == A_Expr_Kind.AEXPR_OP and _op(term) == "=":
             col = _column(term.lexpr) or _column(term.rexpr)
         elif isinstance(term, ast.NullTest) and term.nulltesttype == NullTestType.IS_NULL:
             col = _column(term.arg)

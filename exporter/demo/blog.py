@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from ..cache import CachingService
 
@@ -132,7 +133,7 @@ class Post(Base):
 # The popular-posts query orders by exactly the indexed expression, written as SQL text: built from
 # Python numbers, SQLAlchemy would send 2 and 0.1 as bind parameters, and `like_count * $1` is not
 # the index's expression (the seed also ordered by a different formula than the one it indexed).
-ENGAGEMENT = literal_column("(posts.like_count * 2 + posts.view_count * 0.1)")
+ENGAGEMENT: ColumnElement[Any] = literal_column("(posts.like_count * 2 + posts.view_count * 0.1)")
 
 
 class UserFollow(Base):
@@ -200,7 +201,7 @@ async def seed_data(engine: AsyncEngine, *, users: int = 500, posts: int = 5000,
         await conn.execute(text("ANALYZE users, posts, user_follows"))
 
 
-def popular_posts_query(limit: int) -> Select[Any]:
+def popular_posts_query(limit: int) -> Select[int, str, str, int, int, datetime]:
     """The seed's popular-posts query, written so idx_posts_engagement_score serves it: the index's
     expression in ORDER BY, and `= true` (never `IS true`, which does not imply the index's
     predicate)."""

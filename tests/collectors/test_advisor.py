@@ -12,10 +12,10 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from collectors.collector_harness import collect, target_for
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
+from collectors.collector_harness import collect, target_for
 from exporter.advisor.collector import AdvisorCollector
 from exporter.advisor.settings import AdvisorSettings
 from exporter.demo.blog import CachedUserRepository, asyncpg_url, create_schema, seed_data
