@@ -4,15 +4,19 @@ advice), PostgreSQL 18 without HypoPG (the fallback says so), and never a write.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from daemon_harness import fetch, running_daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_harness import prometheus_ready, prometheus_server
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from collectors.collector_harness import collect, target_for
@@ -21,6 +25,7 @@ from exporter.advisor.settings import AdvisorSettings
 from exporter.demo.blog import CachedUserRepository, asyncpg_url, create_schema, seed_data
 from exporter.demo.servers import PostgresCluster, find_postgres_bin
 
+REPO = Path(__file__).resolve().parents[2]
 ROLE, PASSWORD = "advisor_mon", "advisor-secret-1"
 DB = "blog"
 SETTINGS = AdvisorSettings(enabled=True, interval=60, timeout=60)
@@ -81,8 +86,41 @@ def pg15() -> Iterator[PostgresCluster]:
         yield cluster
 
 
+async def alert_fires(dsn: str, tmp: Path) -> None:
+    spec = importlib.util.spec_from_file_location("short_rules", REPO / "deploy/prometheus/short_rules.py")
+    assert spec and spec.loader
+    short_rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(short_rules)
+    rules = short_rules.shorten_file(REPO / "deploy/prometheus/alerts.yml", tmp / "alerts.short.yml",
+                                     for_="2s", window="10s")
+    off = {"enabled": False}
+    config = {
+        "postgres": [{"name": "main", "dsn": dsn, "databases": {"include": [f"^{DB}$"]}}],
+        "collectors": {"activity": off, "statements": off, "indexes": off, "tables": off,
+                       "database": off, "cache": off,
+                       "advisor": {"enabled": True, "interval": "3s", "timeout": "3s"}},
+    }
+    async with running_daemon(config) as daemon:
+        assert daemon.bound is not None
+        host, port = daemon.bound
+
+        async def exported() -> bool:
+            _, body = await fetch(daemon)
+            return 'pgcache_index_advice_saving_ratio{target="main",datname="blog",schema="public",table="posts",index="author_id"}' in body
+
+        await wait_for(exported, timeout=60, what="the advice on /metrics")
+        with prometheus_server(tmp, f"{host}:{port}", [rules]) as prom:
+            await prometheus_ready(prom)
+
+            async def firing() -> list[dict[str, str]]:
+                return [a for a in await prom.alerts("PgcacheMissingIndex")
+                        if (a["datname"], a["table"], a["index"]) == (DB, "posts", "author_id")]
+
+            await wait_for(firing, timeout=60, what="PgcacheMissingIndex firing")
+
+
 async def test_advisor_finds_the_dropped_seed_index_and_forgets_it_once_created(
-    pg15: PostgresCluster, caplog: pytest.LogCaptureFixture
+    pg15: PostgresCluster, tmp_path: Path
 ) -> None:
     dsn = blog_database(pg15, hypopg=True)
     await seed(pg15)
@@ -126,6 +164,10 @@ async def test_advisor_finds_the_dropped_seed_index_and_forgets_it_once_created(
 
         # Nothing real was created, and no hypothetical index survives in the pooled session.
         assert pg15.psql("SELECT string_agg(indexrelid::regclass::text, ',' ORDER BY 1) FROM pg_index", db=DB) == indexes_before
+
+        # The daemon exports it on /metrics and a real Prometheus fires PgcacheMissingIndex
+        # (the real rule, with `for:` shortened to 2s by deploy/prometheus/short_rules.py).
+        await alert_fires(dsn, tmp_path)
 
         # The seed's index back: the advice is gone at the next run, and none other appears
         # (all five seed indexes present: no false positive).
