@@ -109,6 +109,16 @@ async def alert_fires(dsn: str, tmp: Path) -> None:
             return 'pgcache_index_advice_saving_ratio{target="main",datname="blog",schema="public",table="posts",index="author_id"}' in body
 
         await wait_for(exported, timeout=60, what="the advice on /metrics")
+        # exposed_metrics.json says what these families are (the dashboards' and rules' tests read it).
+        _, body = await fetch(daemon)
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        expected = json.loads((REPO / "tests/dashboards/exposed_metrics.json").read_text())
+        opt_in = {n: w for n, w in expected.items() if n != "_comment" and w.get("opt_in") == "collectors.advisor"}
+        assert sorted(opt_in) == sorted(n for n in families if n.startswith("pgcache_index_advice_"))
+        for name, want in opt_in.items():
+            assert families[name].type == want["type"], name
+            for sample in families[name].samples:
+                assert sorted(sample.labels) == sorted(want["labels"]), name
         with prometheus_server(tmp, f"{host}:{port}", [rules]) as prom:
             await prometheus_ready(prom)
 
