@@ -1,7 +1,7 @@
 """The seed design's index strategy, working: the demo workload (at a scale where indexes matter)
-scans every one of the seed's five indexes, and the popular-posts query is served by the
-engagement-score expression index. The seed at its own scale (200k posts) seeds without an int4
-overflow."""
+scans every one of the seed's five indexes, the popular-posts query is served by the
+engagement-score expression index, and the index advisor finds nothing missing. The seed at its
+own scale (200k posts) seeds without an int4 overflow."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from exporter.advisor.collector import AdvisorCollector
+from exporter.advisor.settings import AdvisorSettings
 from exporter.cache import CachingService
+from exporter.config import DatabaseSelection, PostgresTargetConfig
 from exporter.demo.blog import (
     SEED_INDEXES,
     asyncpg_url,
@@ -23,6 +26,7 @@ from exporter.demo.blog import (
     seed_data,
 )
 from exporter.demo.servers import PostgresCluster, RedisServer
+from exporter.postgres.engine import PostgresTarget
 
 DB = "seed_indexes"
 
@@ -73,4 +77,19 @@ async def test_demo_workload_scans_every_seed_index(pg: PostgresCluster, redis_s
         await asyncio.sleep(0.2)
     assert sorted(scans) == sorted(SEED_INDEXES)
     assert all(int(v) > 0 for v in scans.values()), scans
+
+    # With every seed index in place, the advisor (HypoPG installed) finds nothing missing in the
+    # demo's own workload: no false positive.
+    pg.psql("CREATE EXTENSION IF NOT EXISTS hypopg", db=DB)
+    cfg = PostgresTargetConfig(name="main", dsn=pg.dsn,  # type: ignore[arg-type]
+                               databases=DatabaseSelection(include=(f"^{DB}$",)))
+    target = PostgresTarget(cfg)
+    try:
+        results, failures = await AdvisorCollector(
+            target, AdvisorSettings(enabled=True, interval=60, timeout=60)).advise()
+    finally:
+        await target.dispose()
+    assert failures == [] and [r.datname for r in results] == [DB]
+    assert results[0].hypopg and results[0].planned >= 5
+    assert results[0].advice == [], [(a.table, a.label, a.saving) for a in results[0].advice]
     pg.psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
