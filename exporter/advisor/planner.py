@@ -22,6 +22,7 @@ suggested again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -259,6 +260,12 @@ WHERE i.indrelid = ANY(CAST(:relids AS oid[])) AND i.indisvalid
 """
 
 
+# Prepared statement names, unique in the process (a run cut off by its timeout may leave one
+# behind in a pooled connection; the next run removes it, see Planner.clean).
+_NAMES = itertools.count(1)
+PREPARED_PREFIX = "pgcache_advisor_"
+
+
 class Planner:
     """Generic-plan costs on one connection, through the driver (the statement text goes to the
     server as it is: no client-side parameter parsing of `%` or `:name`)."""
@@ -267,7 +274,6 @@ class Planner:
         self.conn = conn
         self.hypopg = hypopg_schema
         self._raw: Any = None
-        self._n = 0
 
     async def _driver(self) -> Any:
         if self._raw is None:
@@ -279,8 +285,7 @@ class Planner:
         """The generic plan's top node (JSON). Raises the server's error; the transaction is
         kept usable by a savepoint."""
         apg = await self._driver()
-        self._n += 1
-        name = f"pgcache_advisor_{self._n}"
+        name = f"{PREPARED_PREFIX}{next(_NAMES)}"
         await apg.execute("SAVEPOINT pgcache_advisor")
         prepared = False
         try:
@@ -318,6 +323,16 @@ class Planner:
     async def drop(self, oid: int) -> None:
         apg = await self._driver()
         await apg.fetchval(f"SELECT {self.hypopg}.hypopg_drop_index($1)", oid)
+
+    async def clean(self) -> None:
+        """What a run cut off by its timeout may have left in this pooled connection: hypothetical
+        indexes and prepared statements."""
+        apg = await self._driver()
+        for (name,) in await apg.fetch(
+            "SELECT name FROM pg_prepared_statements WHERE starts_with(name, $1)", PREPARED_PREFIX
+        ):
+            await apg.execute(f"DEALLOCATE {name}")
+        await self.reset()
 
     async def reset(self) -> None:
         if self.hypopg is not None:
@@ -384,7 +399,7 @@ async def advise_database(
             indexes.setdefault(ix.relid, []).append(ix)
 
     planner = Planner(conn, hypopg)
-    await planner.reset()
+    await planner.clean()
     try:
         by_oid = {t.oid: t for t in tables.values() if t is not None}
         keys_by_table = await _twins(planner, by_oid, indexes) if hypopg else _existing_keys(indexes)
