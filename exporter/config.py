@@ -214,10 +214,13 @@ class CacheSettings(CollectorSettings):
 
 # Collectors whose hand-written part has settings of its own; every other definition gets
 # enabled, interval, timeout (and limit, when it declares one) with its definition's defaults.
+from .advisor.settings import AdvisorSettings  # noqa: E402  (it subclasses CollectorSettings)
+
 HAND_WRITTEN_SETTINGS: dict[str, type[CollectorSettings]] = {
     "activity": ActivitySettings,
     "statements": StatementsSettings,
     "indexes": IndexesSettings,
+    "advisor": AdvisorSettings,
 }
 
 
@@ -252,6 +255,7 @@ class CollectorsBase(_Model):
         activity: ActivitySettings = ActivitySettings()
         statements: StatementsSettings = StatementsSettings()
         indexes: IndexesSettings = IndexesSettings()
+        advisor: AdvisorSettings = AdvisorSettings()
         tables: Any = None
         database: Any = None
 

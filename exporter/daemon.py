@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .advisor.collector import AdvisorCollector
 from .cache.collector import CacheCollector
 from .collector import Collector
 from .config import CollectorSettings, Config, split_listen_address
@@ -39,6 +40,7 @@ HAND_WRITTEN: dict[str, Callable[[PostgresTarget, Any], Collector]] = {
     "activity": ActivityCollector,
     "statements": StatementsCollector,
     "indexes": IndexesCollector,
+    "advisor": AdvisorCollector,
 }
 
 

@@ -271,15 +271,16 @@ class Definition(Model):
 
     def family_specs(self) -> list[FamilySpec]:
         fixed = self.fixed_labels()
+        opt_in = None if self.enabled else f"collectors.{self.name}"
         out: list[FamilySpec] = []
         for q in self.queries:
             for m in q.metrics:
                 labels = fixed if m.aggregate else fixed + q.labels + m.labels
                 out.append(FamilySpec(m.name, m.type, m.help, labels,
-                                      _major(m.min_version), self.name))
+                                      _major(m.min_version), self.name, opt_in))
         for f in self.families:
             out.append(FamilySpec(f.name, f.type, f.help, fixed + f.labels,
-                                  _major(f.min_version), self.name))
+                                  _major(f.min_version), self.name, opt_in))
         return out
 
     def query(self, name: str) -> Query:

@@ -70,6 +70,7 @@ class FamilySpec:
     labels: tuple[str, ...]
     min_postgres: int | None = None  # only exposed from this PostgreSQL major version on
     collector: str = ""
+    opt_in: str | None = None  # only with this setting on (a collector off by default)
 
     @property
     def exposed_name(self) -> str:

@@ -23,6 +23,7 @@ from .indexes import (
     unused_indexes,
     unused_table,
 )
+from .missing_indexes import missing_indexes, missing_indexes_text
 from .render import format_age, format_bytes, to_json
 from .slow_queries import slow_queries, slow_queries_table
 from .statement import StatementError, parse_params, read_statement
@@ -37,7 +38,8 @@ Handler = Callable[[argparse.Namespace], int]
 # (target, config, args) -> text to print
 Body = Callable[[PostgresTarget, Config, argparse.Namespace], Awaitable[str]]
 
-REPORTS = ("slow-queries", "unused-indexes", "redundant-indexes", "table-sizes", "connections")
+REPORTS = ("slow-queries", "unused-indexes", "redundant-indexes", "table-sizes", "connections",
+           "missing-indexes")
 
 
 def _duration(value: str) -> float:
@@ -169,7 +171,17 @@ async def _connections(target: PostgresTarget, config: Config, args: argparse.Na
     return to_json(report) if args.format == "json" else connections_text(report)
 
 
+async def _missing(target: PostgresTarget, config: Config, args: argparse.Namespace) -> str:
+    settings = config.collectors.advisor.model_copy(update={
+        "timeout": _timeout(args, config.collectors.advisor.timeout),
+        **({"limit": args.limit} if args.limit else {}),
+    })
+    report = await missing_indexes(target, settings, database=args.database)
+    return to_json(report) if args.format == "json" else missing_indexes_text(report)
+
+
 _REPORT_BODIES: dict[str, Body] = {
+    "missing-indexes": _missing,
     "slow-queries": _slow_queries,
     "unused-indexes": _unused,
     "redundant-indexes": _redundant,
@@ -187,7 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 async def _explain(target: PostgresTarget, config: Config, args: argparse.Namespace) -> str:
     statement = read_statement(args.sql)
     literals = parse_params(args.params, statement)
-    raw: list[Any] | None = None
+    raw: list[Any] | dict[str, Any] | None = None
     if args.params is not None:
         import json
 
@@ -233,13 +245,16 @@ def add_commands(
         "redundant-indexes": "indexes another index on the same table covers",
         "table-sizes": "tables by total size (table, indexes, TOAST)",
         "connections": "client connections by database, user, application and state",
+        "missing-indexes": "indexes the top statements need, proven with hypothetical indexes "
+                           "(HypoPG); prints CREATE INDEX CONCURRENTLY to review, creates nothing",
     }
     default_limits = {"slow-queries": 20, "unused-indexes": 0, "redundant-indexes": 0,
-                      "table-sizes": 20, "connections": 0}
+                      "table-sizes": 20, "connections": 0, "missing-indexes": 0}
     for name in REPORTS:
         p = kinds.add_parser(name, help=helps[name], description=helps[name])
         common(p)
-        per_db = "every watched database" if name in ("unused-indexes", "redundant-indexes", "table-sizes") \
+        per_db = "every watched database" if name in (
+            "unused-indexes", "redundant-indexes", "table-sizes", "missing-indexes") \
             else "all databases"
         _target_flags(p, database_help=f"only this database (default: {per_db})")
         p.add_argument("--limit", type=_limit, default=default_limits[name], metavar="N",

@@ -7,15 +7,21 @@ changing data, and point at the plan nodes that dominate.
   --allow-writes; one whose write only shows at run time (a function that writes, nextval) fails
   on the read-only transaction. With --allow-writes it runs READ WRITE and is still rolled back
   (sequences advanced by nextval are the one thing a rollback does not undo).
-- Parameters: a JSON array bound to $1..$n (the placeholders pg_stat_statements shows), via
-  PREPARE and EXPLAIN EXECUTE with literals, so the server converts each value to the
-  parameter's type and the plan is the custom plan the application gets.
+- Parameters: a JSON array bound to $1..$n (the placeholders pg_stat_statements shows), or a
+  JSON object for seed-style `:name` parameters, via PREPARE and EXPLAIN EXECUTE with literals,
+  so the server converts each value to the parameter's type and the plan is the custom plan the
+  application gets.
+- Findings say why an existing index is not used when the statement could be written so it is:
+  an ORDER BY or WHERE expression that is not the expression index's expression, `IS TRUE/FALSE`
+  where a partial index's predicate says `= true/false`, a column wrapped in a function or cast.
+  Nodes under a LIMIT stop early by design: they get no row-estimate finding.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +34,10 @@ from .render import Column, format_count, format_ms, render_table
 from .statement import Statement
 from .targets import ReportInputError, check_database
 
-__all__ = ["ExplainReport", "Finding", "NodeTime", "analyze_plan", "explain", "explain_text"]
+__all__ = [
+    "ExplainReport", "Finding", "IndexInfo", "NodeTime", "analyze_plan", "explain", "explain_text",
+    "index_findings",
+]
 
 PREPARED_NAME = "pgcache_explain"
 ROW_ERROR_FACTOR = 10.0
@@ -39,7 +48,9 @@ _INPUT_SQLSTATES = ("42", "22", "0A", "21", "2B", "23", "25006", "44")
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # seq_scan | row_estimate | sort_spill | hash_spill
+    # seq_scan | row_estimate | sort_spill | hash_spill
+    # | expression_mismatch | partial_predicate | index_not_usable (an index the query could use)
+    kind: str
     node: str
     detail: str
 
@@ -59,7 +70,7 @@ class ExplainReport:
     analyze: bool
     read_write: bool
     statement: str
-    params: list[Any] | None
+    params: list[Any] | dict[str, Any] | None
     planning_ms: float | None
     execution_ms: float | None
     total_cost: float
@@ -102,15 +113,115 @@ def _inclusive_ms(node: Mapping[str, Any], parallel: bool) -> float:
     return float(node.get("Actual Total Time", 0.0)) * loops
 
 
+def _under_limit(node: Mapping[str, Any], below: bool = False) -> Iterator[int]:
+    """id() of every node below a Limit (they stop when the Limit has its rows)."""
+    if below:
+        yield id(node)
+    for child in node.get("Plans", ()):
+        yield from _under_limit(child, below or node.get("Node Type") == "Limit")
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """An index on a table the plan reads (from the catalog)."""
+
+    table: str
+    name: str
+    keys: tuple[str, ...]  # pg_get_indexdef of each key column (an expression or a column name)
+    expression: tuple[bool, ...]  # per key: an expression, not a plain column
+    predicate: str | None
+
+
+_CAST = re.compile(r"::(?:[a-z_]+)(?: (?:precision|varying|without time zone|with time zone))?")
+_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
+_BOOL_TEST = re.compile(r"\(?(?:\w+\.)?(\w+)\)? IS (NOT )?(TRUE|FALSE)")
+
+
+def _norm(expr: str) -> str:
+    """An expression as text without what does not change its meaning for this comparison:
+    casts, parentheses, spaces, table qualifiers."""
+    e = _CAST.sub("", expr.lower())
+    e = re.sub(r"\b[a-z_][a-z0-9_]*\.(?=[a-z_])", "", e)
+    return re.sub(r"[()\s]", "", e)
+
+
+def _idents(expr: str) -> set[str]:
+    e = re.sub(r"'[^']*'", "", _CAST.sub("", expr.lower()))
+    return set(_IDENT.findall(re.sub(r"\b[a-z_][a-z0-9_]*\.(?=[a-z_])", "", e))) - {
+        "and", "or", "not", "is", "true", "false", "null", "desc", "asc", "nulls", "first", "last"}
+
+
+def index_findings(root: Mapping[str, Any], indexes: Sequence[IndexInfo]) -> list[Finding]:
+    """Where an existing index would serve if the statement were written differently."""
+    findings: list[Finding] = []
+    seen: set[tuple[str, str, str]] = set()
+
+    def add(kind: str, node: str, detail: str, index: str) -> None:
+        if (kind, node, index) not in seen:
+            seen.add((kind, node, index))
+            findings.append(Finding(kind, node, detail))
+
+    tables = {n["Relation Name"] for n, _ in _walk(root) if "Relation Name" in n}
+    expr_keys = [(ix, k) for ix in indexes if ix.table in tables
+                 for k, is_expr in zip(ix.keys, ix.expression, strict=False) if is_expr]
+    for node, _ in _walk(root):
+        label = _label(node)
+        texts: list[tuple[str, str]] = [("ORDER BY", k) for k in node.get("Sort Key", ())]
+        table = node.get("Relation Name")
+        if "Filter" in node:
+            texts.append(("WHERE", str(node["Filter"])))
+        for where, t in texts:
+            for ix, key in expr_keys:
+                if where == "WHERE" and ix.table != table:
+                    continue
+                if _idents(key) and _idents(key) <= _idents(t) and _norm(key) not in _norm(t):
+                    add("expression_mismatch", label,
+                        f"{where} {t} is not the expression of index {ix.name} ({key}): write it "
+                        "exactly as the index does (same operators and constants, sent as SQL, "
+                        "not as parameters), or the index cannot serve it", ix.name)
+        if table is None or "Filter" not in node:
+            continue
+        filt = str(node["Filter"])
+        for ix in indexes:
+            if ix.table != table:
+                continue
+            if ix.predicate:
+                pred_cols = _idents(ix.predicate)
+                for m in _BOOL_TEST.finditer(filt):
+                    col, neg, val = m.group(1), m.group(2), m.group(3)
+                    if col.lower() in pred_cols:
+                        truth = (val == "TRUE") != bool(neg)
+                        add("partial_predicate", label,
+                            f"{m.group(0).strip('()')} keeps the partial index {ix.name} (WHERE "
+                            f"{ix.predicate}) from being used: PostgreSQL proves the predicate "
+                            f"from {col} = {str(truth).lower()}, not from IS {neg or ''}{val}; "
+                            f"write {col} = {str(truth).lower()} (SQLAlchemy: == {truth}() rather "
+                            f"than .is_({truth}))", ix.name)
+            if node.get("Node Type") == "Seq Scan" and ix.keys and not ix.expression[0]:
+                col = re.escape(ix.keys[0].strip('"'))
+                # Casts are left out: PostgreSQL shows `(status)::text` for a varchar column its
+                # index serves all the same.
+                wrapped = re.search(rf"\w+\(\(?(?:\w+\.)?{col}\b", filt)
+                if wrapped and not ix.predicate:
+                    add("index_not_usable", label,
+                        f"index {ix.name} on ({ix.keys[0]}) cannot serve the filter {filt}: the column "
+                        "is inside a function; compare the bare column to a value of its "
+                        "type (or index the expression)", ix.name)
+    return findings
+
+
 def analyze_plan(
-    plan: Mapping[str, Any], *, analyzed: bool, table_rows: Mapping[str, float], seq_scan_rows: float
+    plan: Mapping[str, Any], *, analyzed: bool, table_rows: Mapping[str, float], seq_scan_rows: float,
+    indexes: Sequence[IndexInfo] = (),
 ) -> tuple[list[Finding], list[NodeTime]]:
-    """The nodes that dominate: sequential scans of large tables, row estimates off by 10x or more,
-    sorts and hashes spilling to disk; and (analyzed) the top nodes by exclusive time."""
+    """The nodes that dominate: sequential scans of large tables, row estimates off by 10x or more
+    (not under a LIMIT), sorts and hashes spilling to disk, indexes the statement could use if
+    written differently; and (analyzed) the top nodes by exclusive time."""
     root = plan["Plan"]
     execution = plan.get("Execution Time")
     findings: list[Finding] = []
     times: list[NodeTime] = []
+    limited = set(_under_limit(root))
     for node, parallel in _walk(root):
         label = _label(node)
         loops = float(node.get("Actual Loops", 0) or 0)
@@ -128,7 +239,7 @@ def analyze_plan(
                     + (f"; filter {node['Filter']}: an index on it may help" if "Filter" in node else "")
                 )
                 findings.append(Finding("seq_scan", label, detail))
-        if analyzed and loops > 0:
+        if analyzed and loops > 0 and id(node) not in limited:
             est, act = float(node.get("Plan Rows", 0)), float(node.get("Actual Rows", 0))
             ratio = max(est, 1.0) / max(act, 1.0)
             if ratio >= ROW_ERROR_FACTOR or 1 / ratio >= ROW_ERROR_FACTOR:
@@ -157,8 +268,23 @@ def analyze_plan(
             own = max(0.0, own)
             pct = 100 * own / execution if execution else None
             times.append(NodeTime(label, own, pct, float(node.get("Actual Rows", 0)), loops))
+    findings += index_findings(root, indexes)
     times.sort(key=lambda t: -t.exclusive_ms)
     return findings, times[:TOP_NODES]
+
+
+INDEXES_SQL = """
+SELECT c.relname AS "table", ic.relname AS name, pg_get_expr(i.indpred, i.indrelid) AS predicate,
+       ARRAY(SELECT pg_get_indexdef(i.indexrelid, k, true)
+             FROM generate_series(1, i.indnkeyatts) k)::text[] AS keys,
+       ARRAY(SELECT k.attnum = 0 FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+             WHERE k.ord <= i.indnkeyatts ORDER BY k.ord)::bool[] AS expression
+FROM unnest(CAST(:names AS text[])) n
+JOIN pg_class c ON c.oid = to_regclass(quote_ident(n))
+JOIN pg_index i ON i.indrelid = c.oid JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE i.indisvalid
+ORDER BY 1, 2
+"""
 
 
 def _sqlstate(e: DBAPIError) -> str:
@@ -171,7 +297,7 @@ async def explain(
     statement: Statement,
     *,
     params: list[str] | None,
-    raw_params: list[Any] | None,
+    raw_params: list[Any] | dict[str, Any] | None,
     analyze: bool,
     allow_writes: bool,
     database: str | None,
@@ -213,6 +339,12 @@ async def explain(
                     "JOIN pg_class c ON c.oid = to_regclass(quote_ident(n))"
                 ), {"names": names})
                 table_rows = {n: max(0.0, r) for n, r in found}
+            scanned = sorted({str(n["Relation Name"]) for n, _ in _walk(doc[0]["Plan"]) if "Relation Name" in n})
+            indexes: list[IndexInfo] = []
+            if scanned:
+                rows = await conn.execute(text(INDEXES_SQL), {"names": scanned})
+                indexes = [IndexInfo(r.table, r.name, tuple(r.keys), tuple(r.expression), r.predicate)
+                           for r in rows]
         except DBAPIError as e:
             state = _sqlstate(e)
             if state == "25006":
@@ -232,7 +364,8 @@ async def explain(
 
     top = doc[0]
     root = top["Plan"]
-    findings, nodes = analyze_plan(top, analyzed=analyze, table_rows=table_rows, seq_scan_rows=seq_scan_rows)
+    findings, nodes = analyze_plan(top, analyzed=analyze, table_rows=table_rows,
+                                   seq_scan_rows=seq_scan_rows, indexes=indexes)
     return ExplainReport(
         database=db, analyze=analyze, read_write=read_write, statement=statement.text,
         params=raw_params,
@@ -270,7 +403,8 @@ def explain_text(r: ExplainReport, width: int | None = None) -> str:
             Column("DETAIL", lambda f: f.detail, flex=True, min_width=30),
         ], width))
     else:
-        out.append("\nFindings: none (no large sequential scan, 10x row-estimate error or spill)\n")
+        out.append("\nFindings: none (no large sequential scan, 10x row-estimate error, spill, or "
+                   "index the statement could use if written differently)\n")
     if r.top_nodes:
         out.append("\nTop nodes by exclusive time:\n" + render_table(r.top_nodes, [
             Column("TIME", lambda t: format_ms(t.exclusive_ms), ">"),

@@ -1,5 +1,7 @@
 """What kind of statement `explain` was given, read without running it: one statement or
 several, whether it writes, which `$n` parameters it uses; and `--params` turned into literals.
+Seed-style `:name` parameters (SQLAlchemy's `text()`) are rewritten to `$1, $2, ...` in order of
+first use, and take their values from a JSON object (`--params '{"user_id": 5}'`).
 
 This is a guard, not a parser: the read-only transaction `explain --analyze` runs in is what
 stops a write that no reading of the text can see (a SELECT calling a function that writes).
@@ -33,6 +35,7 @@ class Statement:
     first_word: str
     writes: str | None  # why it would write, in words; None: reads only (as far as text shows)
     parameters: int  # highest $n used
+    names: tuple[str, ...] = ()  # `:name` parameters, in $n order (the text uses $n for them)
 
 
 def _tokens(sql: str) -> tuple[list[str], list[int]]:
@@ -145,7 +148,38 @@ def read_statement(sql: str) -> Statement:
     if first in ("EXPLAIN", "ANALYZE"):
         raise StatementError(f"give the statement itself, without {first} (the command adds EXPLAIN)")
     params = [int(t[1:]) for t in tokens if _PARAM.fullmatch(t)]
+    body, names = _named_params(sql[:end], tokens, starts)
+    if names and params:
+        raise StatementError("the statement mixes $n and :name parameters: use one kind")
+    if names:
+        return Statement(body.strip(), first, _writes(first, tokens), len(names), names)
     return Statement(sql[:end].strip(), first, _writes(first, tokens), max(params, default=0))
+
+
+def _named_params(sql: str, tokens: list[str], starts: list[int]) -> tuple[str, tuple[str, ...]]:
+    """`:name` (not `::type`, not inside a literal or comment) -> `$k`, k by first use."""
+    names: list[str] = []
+    pieces: list[str] = []
+    last = 0
+    for k, tok in enumerate(tokens):
+        at = starts[k]
+        if tok != ":" or k + 1 >= len(tokens) or starts[k + 1] != at + 1:
+            continue
+        if k > 0 and tokens[k - 1] == ":" and starts[k - 1] == at - 1:
+            continue  # the second colon of ::
+        if tokens[k + 1] == ":":
+            continue  # the first colon of ::
+        m = _WORD.match(sql, at + 1)
+        if m is None or m.start() != at + 1:
+            continue
+        name = m.group(0)
+        if name not in names:
+            names.append(name)
+        pieces += [sql[last:at], f"${names.index(name) + 1}"]
+        last = m.end()
+    if not names:
+        return sql, ()
+    return "".join(pieces) + sql[last:], tuple(names)
 
 
 def _literal(value: Any) -> str:
@@ -179,6 +213,24 @@ def parse_params(raw: str | None, statement: Statement) -> list[str] | None:
         values = json.loads(raw)
     except json.JSONDecodeError as e:
         raise StatementError(f"--params is not valid JSON: {e}") from None
+    if statement.names:
+        if not isinstance(values, dict):
+            raise StatementError(
+                "the statement uses :name parameters: give --params as a JSON object, e.g. "
+                + json.dumps({n: "..." for n in statement.names})
+            )
+        missing = [n for n in statement.names if n not in values]
+        unknown = sorted(set(values) - set(statement.names))
+        if missing or unknown:
+            raise StatementError(
+                "--params does not match the statement's :name parameters"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+                + (f"; not in the statement: {', '.join(unknown)}" if unknown else "")
+            )
+        return [_literal(values[n]) for n in statement.names]
+    if isinstance(values, dict):
+        raise StatementError("--params is a JSON object but the statement has no :name parameter "
+                             "(give a JSON array for $1, $2, ...)")
     if not isinstance(values, list):
         raise StatementError("--params must be a JSON array: its values are bound to $1, $2, ... in order")
     if len(values) != statement.parameters:

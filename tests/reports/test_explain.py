@@ -3,7 +3,9 @@ refused or rolled back, the data counted before and after every run."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -180,3 +182,87 @@ def test_errors(pg: PostgresCluster, db: str, capsys: pytest.CaptureFixture[str]
     assert code == 2 and "no_such_db" in err
     code, _, err = explain(capsys, pg, "SELECT 1", "--target", "nope")
     assert code == 2 and "--target nope" in err
+
+
+# -- findings about the seed's index strategy (the demo blog's schema and data) -----------------
+
+SEED_DB = "rep_explain_seed"
+
+
+@pytest.fixture(scope="module")
+def blog(pg: PostgresCluster) -> Iterator[str]:
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from exporter.demo.blog import asyncpg_url, create_schema, seed_data
+
+    fresh_database(pg, SEED_DB, "")
+
+    async def setup() -> None:
+        engine = create_async_engine(asyncpg_url(pg.dsn_for(db=SEED_DB)))
+        try:
+            await create_schema(engine)
+            await seed_data(engine, users=20_000, posts=60_000, follows=10_000)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(setup())
+    yield SEED_DB
+    drop_database(pg, SEED_DB)
+
+
+def seed_explain(capsys: pytest.CaptureFixture[str], pg: PostgresCluster, sql: str, *argv: str) -> Any:
+    return run_json(capsys, "explain", sql, *argv, "--postgres-dsn", pg.dsn_for(db=SEED_DB))
+
+
+def test_is_false_against_a_partial_index_and_named_params(
+    pg: PostgresCluster, blog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The seed's user-stats filter as SQLAlchemy's .is_(False) writes it, with a seed-style :name.
+    sql = "SELECT count(posts.id) FROM posts WHERE posts.author_id = :user_id AND posts.is_deleted IS false"
+    r = seed_explain(capsys, pg, sql, "--analyze", "--params", '{"user_id": 7}')
+    assert r["params"] == {"user_id": 7} and r["statement"].endswith("author_id = $1 AND posts.is_deleted IS false")
+    partial = [f for f in r["findings"] if f["kind"] == "partial_predicate"]
+    assert any("idx_posts_author_published_created" in f["detail"] and "is_deleted = false" in f["detail"]
+               for f in partial), r["findings"]
+    # Written as the index's predicate: the index serves it, and nothing is found.
+    r = seed_explain(capsys, pg, sql.replace("IS false", "= false"), "--analyze", "--params", '{"user_id": 7}')
+    assert not [f for f in r["findings"] if f["kind"] in ("partial_predicate", "seq_scan")], r["findings"]
+    assert "idx_posts_author_published_created" in json.dumps(r["plan"])
+
+    code, _, err = explain(capsys, pg, sql, "--params", '{"user": 7}')
+    assert code == 2 and "missing: user_id" in err and "not in the statement: user" in err
+    code, _, err = explain(capsys, pg, sql, "--params", "[7]")
+    assert code == 2 and ":name" in err
+
+
+def test_order_by_not_the_expression_index_and_no_row_estimate_under_limit(
+    pg: PostgresCluster, blog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The seed's popular-posts query: a formula other than the one it indexed, and IS true.
+    sql = ("SELECT posts.id FROM posts JOIN users ON posts.author_id = users.id "
+           "WHERE posts.is_published IS true AND posts.is_deleted IS false "
+           "ORDER BY posts.like_count + posts.view_count * 0.1 DESC LIMIT :limit")
+    r = seed_explain(capsys, pg, sql, "--analyze", "--params", '{"limit": 10}')
+    kinds = {f["kind"] for f in r["findings"]}
+    assert "expression_mismatch" in kinds and "partial_predicate" in kinds, r["findings"]
+    mismatch = next(f for f in r["findings"] if f["kind"] == "expression_mismatch")
+    assert "idx_posts_engagement_score" in mismatch["detail"] and mismatch["detail"].startswith("ORDER BY")
+    assert "row_estimate" not in kinds, r["findings"]  # the nodes under the LIMIT stop early
+    # Aligned with the index (expression and predicate): served by it, no finding of either kind.
+    fixed = sql.replace("IS true", "= true").replace("IS false", "= false").replace(
+        "posts.like_count + posts.view_count * 0.1", "posts.like_count * 2 + posts.view_count * 0.1")
+    r = seed_explain(capsys, pg, fixed, "--analyze", "--params", '{"limit": 10}')
+    assert "idx_posts_engagement_score" in json.dumps(r["plan"])
+    assert not {f["kind"] for f in r["findings"]} & {"expression_mismatch", "partial_predicate"}, r["findings"]
+
+
+def test_column_inside_a_function_keeps_its_index_unused(
+    pg: PostgresCluster, blog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = seed_explain(capsys, pg, "SELECT id FROM users WHERE upper(username) = 'USER5'")
+    found = [f for f in r["findings"] if f["kind"] == "index_not_usable"]
+    assert found and "users_username_key" in found[0]["detail"], r["findings"]
+    r = seed_explain(capsys, pg, "SELECT id FROM users WHERE username = 'user5'")
+    assert not [f for f in r["findings"] if f["kind"] == "index_not_usable"]
