@@ -225,6 +225,12 @@ def _listen_target(factory: Any) -> Any:
 
 def bind(cache: CachingService, session_factory: Any, *, counters: Iterable[Any] = ()) -> None:
     binding = _Binding(cache, counters)
+    bound: dict[int, _Binding] = cache.__dict__.setdefault("_orm_bindings", {})
+    if id(session_factory) in bound:  # binding twice would invalidate twice
+        if bound[id(session_factory)].counters != binding.counters:
+            raise ValueError("cache.bind(): this session factory is already bound with other counters")
+        return
+    bound[id(session_factory)] = binding
     target = _listen_target(session_factory)
     event.listen(target, "before_flush", binding.before_flush)
     event.listen(target, "after_flush", binding.after_flush)
