@@ -33,7 +33,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -66,6 +66,7 @@ REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _BATCH = 500
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 _MISSING: Any = object()
+_SCALARS = frozenset({str, int, bool, type(None)})
 
 # KEYS: entry, lock. Returns [1, value] if the entry exists, [2] if we now hold the lock, [0] if not.
 _GET_OR_LOCK = """
@@ -78,6 +79,27 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class _QueueingPool(BlockingConnectionPool):
+    """A BlockingConnectionPool whose callers take a free connection directly, and queue (for at
+    most ``timeout``) only when every connection is in use: the queue's lock, condition and timer
+    cost a cache hit about as much as decoding its value."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._in_maintenance and self.can_get_connection() and not self._queued():
+            return await ConnectionPool.get_connection(self)  # type: ignore[no-untyped-call]
+        return await super().get_connection()  # type: ignore[no-untyped-call]
+
+    async def release(self, connection: Any) -> None:
+        if self._queued():
+            await super().release(connection)  # wakes the next queued caller
+        else:
+            await ConnectionPool.release(self, connection)
+
+    def _queued(self) -> bool:
+        waiters = getattr(self._condition, "_waiters", True)  # unknown asyncio: always the slow path
+        return bool(waiters)
 
 
 def redis_client(
@@ -98,7 +120,7 @@ def redis_client(
         opts["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     if cluster:
         return RedisCluster.from_url(url, **opts)
-    return Redis.from_pool(BlockingConnectionPool.from_url(url, timeout=1.0, **opts))
+    return Redis.from_pool(_QueueingPool.from_url(url, timeout=1.0, **opts))
 
 
 def _seconds(value: float | timedelta, what: str) -> float:
@@ -170,6 +192,7 @@ class CachingService:
             self._redis = redis
         self._fmt = self.serializer.fmt
         self._namespaces: set[str] = set()
+        self._keys: dict[Any, str] = {}
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._refreshing: dict[str, asyncio.Task[Any]] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -198,10 +221,25 @@ class CachingService:
 
     def key(self, namespace: str, params: Mapping[str, Any]) -> str:
         """The Redis key of an entry: ``<prefix>:{<namespace>}:<digest>``."""
+        # Params of plain scalars (the common user_id=1 case) are looked up, not hashed again;
+        # the type is part of the lookup so that 1, 1.0 and True stay three keys.
+        try:
+            memo: Any = (namespace, *[(k, v.__class__, v) for k, v in params.items() if v.__class__ in _SCALARS])
+        except AttributeError:
+            memo = None
+        if memo is not None and len(memo) == len(params) + 1:
+            found = self._keys.get(memo)
+            if found is not None:
+                return found
         if namespace not in self._namespaces:
             check_namespace(namespace)
             self._namespaces.add(namespace)
-        return cache_key(self.prefix, namespace, params)
+        key = cache_key(self.prefix, namespace, params)
+        if memo is not None and len(memo) == len(params) + 1:
+            if len(self._keys) >= 4096:
+                self._keys.clear()
+            self._keys[memo] = key
+        return key
 
     # -- reading ------------------------------------------------------------------------------
     async def get_or_load(

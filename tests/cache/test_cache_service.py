@@ -433,3 +433,16 @@ async def test_stats_flush_is_periodic_and_exact(redis_url: str) -> None:
         assert (await cache.redis.hget("s:stats", "hits|f")) == b"3"
     async with aredis.Redis.from_url(redis_url) as r:
         assert await r.hexists("s:stats", "flush_ts|me") == 0  # a clean close forgets the instance
+
+
+async def test_remembered_keys_keep_types_apart() -> None:
+    cache = CachingService("redis://127.0.0.1:1/0")
+    try:
+        for _ in range(2):  # computed, then remembered
+            keys = [cache.key("n", {"a": v}) for v in (1, True, 1.0, "1", None)]
+            assert len(set(keys)) == 5
+            assert keys[0] == cache.key("n", {"a": 1}) == cache.key("n", {"a": 1, **{}})
+            assert cache.key("n", {"a": 1, "b": 2}) == cache.key("n", {"b": 2, "a": 1})
+            assert cache.key("m", {"a": 1}) != keys[0]
+    finally:
+        await cache.close()
