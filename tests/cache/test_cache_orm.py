@@ -3,6 +3,7 @@ real Redis, kept fresh by ``cache.bind(...)``: the application code never invali
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
 from collections.abc import AsyncIterator
@@ -10,14 +11,24 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Numeric, String, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Numeric,
+    String,
+    create_engine,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from exporter.cache import CachingService
 from exporter.cache.orm import row_tags, tables_read
@@ -234,3 +245,46 @@ async def test_query_tags_every_table_it_reads(app_engine: AsyncEngine) -> None:
     assert tables_read(stmt) == ["posts", "user_follows", "users"]
     with pytest.raises(TypeError, match="async_sessionmaker"):
         CachingService().bind(app_engine)
+
+
+async def test_sync_sessions_invalidate_too(app_engine: AsyncEngine, redis_url: str) -> None:
+    url = app_engine.url.set(drivername="postgresql+psycopg")
+    engine = create_engine(url)
+    sync_sessions = sessionmaker(engine, expire_on_commit=False)
+    try:
+        async with CachingService(redis_url, stats_flush_interval=3600) as cache:
+            cache.bind(sync_sessions)
+            repo = CachedUserRepository(async_sessionmaker(app_engine), cache)
+
+            def rename(user_id: int, name: str) -> None:
+                with sync_sessions.begin() as s:
+                    user = s.get(User, user_id)
+                    assert user is not None
+                    user.username = name
+
+            # From a worker thread (the usual home of sync code in an async app): the commit
+            # waits for the invalidation on the cache's event loop.
+            await repo.get_user_with_stats_cached(1)
+            await asyncio.to_thread(rename, 1, "from-thread")
+            assert await cache.redis.exists(cache.key("user_stats", {"user_id": 1})) == 0
+            got = await repo.get_user_with_stats_cached(1)
+            assert got is not None and got["user"]["username"] == "from-thread"
+
+            # On the event loop's own thread it cannot wait: the invalidation runs right after.
+            await repo.get_user_with_stats_cached(2)
+            rename(2, "on-loop")
+            await asyncio.sleep(0.2)
+            assert await cache.redis.exists(cache.key("user_stats", {"user_id": 2})) == 0
+
+            # A rollback in a sync session invalidates nothing.
+            await repo.get_user_with_stats_cached(3)
+            with sync_sessions() as s:
+                user = s.get(User, 3)
+                assert user is not None
+                user.username = "never"
+                s.flush()
+                s.rollback()
+            await asyncio.sleep(0.1)
+            assert await cache.redis.exists(cache.key("user_stats", {"user_id": 3})) == 1
+    finally:
+        engine.dispose()
