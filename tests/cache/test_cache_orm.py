@@ -20,6 +20,7 @@ from sqlalchemy import (
     create_engine,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import (
@@ -31,7 +32,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from exporter.cache import CachingService
-from exporter.cache.orm import row_tags, tables_read
+from exporter.cache.orm import row_tags, table_tag, tables_read
 from exporter.demo.blog import asyncpg_url
 from exporter.demo.servers import PostgresCluster
 
@@ -237,6 +238,30 @@ async def test_counter_columns_leave_lists_alone_but_not_rows(app_engine: AsyncE
             assert post is not None
             post.title = "retitled"  # not a counter: the list goes too
         assert await _popular_key(cache) == ""
+
+        # A bulk update of posts cannot say whose posts changed: every user entry goes.
+        await repo.get_user_with_stats_cached(1)
+        assert await cache.redis.exists(cache.key("user_stats", {"user_id": 2})) == 1
+        async with sessions.begin() as s:
+            await s.execute(update(Post).where(Post.id == 5).values(title="bulk"))
+        keys = [cache.key("user_stats", {"user_id": u}) for u in (1, 2)]
+        assert await cache.redis.exists(*keys) == 0
+
+        # SQL text is not seen (documented): the entry stays until invalidated by hand.
+        await repo.get_user_with_stats_cached(1)
+        async with sessions.begin() as s:
+            await s.execute(text("UPDATE users SET username = 'raw' WHERE id = 1"))
+        assert await cache.redis.exists(keys[0]) == 1
+
+        # Only the bound factory's sessions invalidate.
+        other = async_sessionmaker(app_engine)
+        async with other.begin() as s:
+            u1 = await s.get(User, 1)
+            assert u1 is not None
+            u1.status = "elsewhere"
+        assert await cache.redis.exists(keys[0]) == 1
+        assert await cache.invalidate_tags(table_tag(User)) == 0  # nothing read the whole table
+        assert await cache.invalidate_tags(*row_tags(User, 1)) == 1
 
 
 async def test_query_tags_every_table_it_reads(app_engine: AsyncEngine) -> None:

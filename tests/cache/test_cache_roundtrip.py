@@ -8,6 +8,7 @@ import datetime as dt
 import enum
 import ipaddress
 import pickle
+import uuid
 from typing import Any
 
 import pytest
@@ -186,3 +187,26 @@ def test_damaged_payloads_are_payload_errors() -> None:
     # An enum of a module this process never imported is not imported by a reader: a miss.
     with pytest.raises(PayloadError, match="not loaded"):
         tagged.loads(b'#"e"\n["no_such_module_xyz","E","A"]')
+
+
+def test_uuid_subclasses_come_back_as_uuid() -> None:
+    class DriverUUID(uuid.UUID):  # what asyncpg hands out
+        pass
+
+    u = DriverUUID(int=12345)
+    back = tagged.loads(tagged.dumps({"id": u}))
+    assert type(back["id"]) is uuid.UUID and back["id"] == u
+
+
+async def test_entries_stay_readable(redis_url: str) -> None:
+    when = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+    async with CachingService(redis_url) as cache:
+        async def load() -> Any:
+            return [{"title": "post 9", "created_at": when}, {"title": "post 8", "created_at": when}]
+
+        await cache.get_or_load("readable", {}, load, ttl=60)
+        raw = await cache.redis.get(cache.key("readable", {}))
+    header, skeleton, body = raw.split(b"\n")
+    assert header.startswith(b"pc2 J ")
+    assert skeleton == b'#["L",{"*":["D",{"created_at":"dt"}]}]'  # one entry for all rows
+    assert body.startswith(b'[{"title":"post 9","created_at":"2024-05-01T12:00:00+00:00"}')
