@@ -244,14 +244,35 @@ def _plain(v: Any) -> Any:
     return uuid.UUID(int=v.int) if isinstance(v, uuid.UUID) and type(v) is not uuid.UUID else v
 
 
+_DESCRIBED: dict[Any, tuple[str, list[str]]] = {}
+
+
+def _describe(stmt: Any, dialect: Any) -> tuple[str, Any, list[str]]:
+    """(SQL text, bound values, tables read). Compiling costs a few times a cache hit, so the text
+    and tables are kept per statement shape: SQLAlchemy's own cache key (the statement without
+    its bound values, which come along with it)."""
+    ck = stmt._generate_cache_key()
+    if ck is None:  # a statement SQLAlchemy does not cache either
+        compiled = stmt.compile(dialect=dialect)
+        return str(compiled), dict(compiled.params), tables_read(stmt)
+    shape = (dialect.name, dialect.driver, ck.key)
+    found = _DESCRIBED.get(shape)
+    if found is None:
+        found = (str(stmt.compile(dialect=dialect)), tables_read(stmt))
+        if len(_DESCRIBED) >= 1024:
+            _DESCRIBED.clear()
+        _DESCRIBED[shape] = found
+    return found[0], [b.effective_value for b in ck.bindparams], found[1]
+
+
 async def query(
     cache: CachingService, session: AsyncSession | Session, stmt: Any, *, ttl: float | None = None,
     namespace: str = "query", tags: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     bind = session.get_bind() if isinstance(session, Session) else session.sync_session.get_bind()
-    compiled = stmt.compile(dialect=bind.dialect)
-    params = {"sql": str(compiled), "params": dict(compiled.params)}
-    all_tags = [*("table:" + t for t in tables_read(stmt)), *tags]
+    sql, values, tables = _describe(stmt, bind.dialect)
+    params = {"sql": sql, "params": values}
+    all_tags = [*("table:" + t for t in tables), *tags]
 
     async def load() -> list[dict[str, Any]]:
         if isinstance(session, AsyncSession):

@@ -87,15 +87,22 @@ class _QueueingPool(BlockingConnectionPool):
     cost a cache hit about as much as decoding its value."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._in_maintenance and self.can_get_connection() and not self._queued():
-            return await ConnectionPool.get_connection(self)  # type: ignore[no-untyped-call]
-        return await super().get_connection()  # type: ignore[no-untyped-call]
+        if self._free():
+            return await ConnectionPool.get_connection(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     async def release(self, connection: Any) -> None:
         if self._queued():
             await super().release(connection)  # wakes the next queued caller
         else:
             await ConnectionPool.release(self, connection)
+
+    def _free(self) -> bool:
+        can = getattr(self, "can_get_connection", None)  # redis-py versions differ: else queue
+        return (
+            can is not None and not getattr(self, "_in_maintenance", False) and bool(can())
+            and not self._queued()
+        )
 
     def _queued(self) -> bool:
         waiters = getattr(self._condition, "_waiters", True)  # unknown asyncio: always the slow path

@@ -313,3 +313,20 @@ async def test_sync_sessions_invalidate_too(app_engine: AsyncEngine, redis_url: 
             assert await cache.redis.exists(cache.key("user_stats", {"user_id": 3})) == 1
     finally:
         engine.dispose()
+
+
+async def test_query_keys_follow_the_bound_values(app_engine: AsyncEngine, redis_url: str) -> None:
+    sessions = async_sessionmaker(app_engine)
+    async with CachingService(redis_url, stats_flush_interval=3600) as cache:
+        async with sessions() as s:
+            def titles(author: int, limit: int) -> Any:
+                return select(Post.title).where(Post.author_id == author).order_by(Post.id).limit(limit)
+
+            one = await cache.query(s, titles(1, 2), ttl=60)
+            two = await cache.query(s, titles(2, 2), ttl=60)
+            assert [r["title"] for r in one] == ["post 0", "post 3"]
+            assert [r["title"] for r in two] == ["post 1", "post 4"]
+            assert await cache.query(s, titles(1, 2), ttl=60) == one
+            assert await cache.query(s, titles(1, 3), ttl=60) != one
+            pending = cache.stats.pending()
+            assert (pending["misses|query"], pending["hits|query"]) == (3, 1)
