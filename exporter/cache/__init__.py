@@ -2,7 +2,8 @@
 
 Importing it loads redis and orjson only (never aiohttp, APScheduler or SQLAlchemy). The exporter's
 side, ``exporter.cache.collector.CacheCollector``, is imported from its module on purpose: it pulls
-in prometheus_client.
+in prometheus_client. So is the SQLAlchemy integration, ``exporter.cache.orm`` (``row_tags``,
+``table_tag``), which ``CachingService.bind()`` and ``.query()`` import on first use.
 """
 
 from .breaker import CircuitBreaker
@@ -14,11 +15,12 @@ from .serializers import (
     Serializer,
     SignedPickleSerializer,
 )
-from .service import CachingService, Loader
+from .service import DEFAULT_REDIS_URL, CachingService, Loader
 from .stats import BUCKETS, ERROR_OPERATIONS, CacheStats, StatsSnapshot, parse_stats
 
 __all__ = [
     "BUCKETS",
+    "DEFAULT_REDIS_URL",
     "ERROR_OPERATIONS",
     "CacheStats",
     "CachingService",

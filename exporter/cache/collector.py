@@ -67,6 +67,11 @@ def _namespace_families(target: str, namespaces: Mapping[str, NamespaceStats]) -
         "skipped Redis while the circuit breaker was open).",
         labels=["target", "namespace", "operation"],
     )
+    saved = CounterMetricFamily(
+        "pgcache_cache_saved_seconds",
+        "Loader (database) time the cache hits avoided: each hit adds the load time of the entry it read.",
+        labels=["target", "namespace"],
+    )
     hist = HistogramMetricFamily(
         "pgcache_cache_load_duration_seconds",
         "Duration of loader runs (the database query behind a miss).",
@@ -75,10 +80,11 @@ def _namespace_families(target: str, namespaces: Mapping[str, NamespaceStats]) -
     for ns, st in namespaces.items():
         for op in sorted(st.errors):
             errors.add_metric([target, ns, op], st.errors[op])
+        saved.add_metric([target, ns], st.saved_seconds)
         count = st.buckets.get(math.inf, st.counters["loads"])
         buckets = [(_le(le), float(st.buckets.get(le, 0))) for le in BUCKETS]
         hist.add_metric([target, ns], [*buckets, ("+Inf", float(count))], st.load_seconds_sum)
-    return [*fams, errors, hist]
+    return [*fams, errors, saved, hist]
 
 
 def cache_families(target: str, snap: StatsSnapshot, limit: int) -> tuple[list[Metric], int]:

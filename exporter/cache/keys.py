@@ -40,6 +40,7 @@ __all__ = [
     "cache_key",
     "canonical_params",
     "check_namespace",
+    "check_pattern",
     "escape_glob",
     "lock_key",
     "namespace_of",
@@ -177,3 +178,39 @@ def namespace_of(prefix: str, key: str) -> str | None:
         return None
     end = key.find("}", len(head))
     return key[len(head):end] if end > len(head) else None
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_pattern(prefix: str, pattern: str) -> str:
+    """A pattern for ``invalidate_pattern`` if it can select entries of the key scheme, else a
+    ValueError naming the method to use instead.
+
+    Entry keys are ``<prefix>:{<namespace>}:<32 hex digits>``: the params are hashed, so a
+    pattern on parameter values (the seed's ``user_stats:*user_id*50001*``) can never match,
+    and a pattern without the prefix (``user:*``) matches no entry either. Rather than remove 0
+    entries silently, such patterns are refused. Accepted: ``<prefix>:{<namespace glob>}:*``
+    (whole namespaces) and ``<prefix>:{<namespace>}:<digest>`` (one key)."""
+    head = escape_glob(prefix) + ":{"
+    if isinstance(pattern, str) and pattern.startswith(head) and "}:" in pattern[len(head):]:
+        ns, _, tail = pattern[len(head):].rpartition("}:")
+        if ns and (tail == "*" or (len(tail) == 32 and set(tail) <= _HEX)):
+            return pattern
+    text = str(pattern)
+    name, _, rest = text.partition(":")
+    name = name.strip("*?[]{}") or "<namespace>"
+    if rest in ("", "*"):
+        advice = f"to drop a whole namespace use cache.invalidate_namespace({name!r})"
+    else:
+        advice = (
+            f"use cache.invalidate({name!r}, {{<the params>}}) for one entry, "
+            f"cache.invalidate_tags(<tag>) for the entries stored with tags=[<tag>], "
+            f"or cache.invalidate_namespace({name!r}) for all of them"
+        )
+    raise ValueError(
+        f"invalidate_pattern({text!r}) can never match a cache entry: entry keys are "
+        f"'{prefix}:{{<namespace>}}:<hash of the params>', so parameter values are not in the key; "
+        f"{advice} (or cache.bind(session_factory) to invalidate on commit). "
+        f"Patterns accepted: '{head}<namespace glob>}}:*'"
+    )

@@ -1,27 +1,26 @@
 """How cached values become bytes, and back.
 
-JSON (orjson) is the default: values are data, and a reader of the cache can never be made to run
-code. Values round-trip as JSON does: tuples come back as lists, datetimes, UUIDs and Decimals as
-strings (Decimals exactly, as text). Dataclasses are encoded as objects. A live SQLAlchemy ORM object
-is refused with an error that says what to do (turn rows into dicts), as is any other type JSON
-cannot represent.
+JSON is the default (:class:`JsonSerializer`, the exact encoding of :mod:`.tagged`): values are
+data, a reader of the cache can never be made to run code, and a value comes back equal to what
+the loader returned, type for type (datetimes, Decimals, UUIDs, tuples, sets, bytes, enums, ...).
+A value it cannot restore exactly is refused when it is written, with the path inside the value.
 
 Pickle is opt-in (``SignedPickleSerializer(secret_key)``): every payload carries an HMAC-SHA256 of
-its bytes, checked in constant time *before* anything is unpickled. A payload that fails to decode
-or to verify raises :class:`PayloadError`; the service then treats it as a miss, deletes it and
-counts an error.
+its bytes, checked in constant time *before* anything is unpickled. It refuses live SQLAlchemy ORM
+objects at any depth, like the JSON serializer. A payload that fails to decode or to verify raises
+:class:`PayloadError`; the service then treats it as a miss, deletes it and counts an error.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
+import io
 import pickle
-from decimal import Decimal
 from typing import Any, ClassVar, Protocol
 
-import orjson
+from . import tagged
+from .tagged import PayloadError, SerializationError
 
 __all__ = [
     "JsonSerializer",
@@ -30,14 +29,6 @@ __all__ = [
     "Serializer",
     "SignedPickleSerializer",
 ]
-
-
-class SerializationError(TypeError):
-    """A value the serializer cannot store (raised to the caller: it is a programming error)."""
-
-
-class PayloadError(ValueError):
-    """Bytes read from Redis that do not decode (or do not verify) with this serializer."""
 
 
 class Serializer(Protocol):
@@ -51,42 +42,53 @@ class Serializer(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
-def _default(obj: Any) -> Any:
-    if hasattr(obj, "_sa_instance_state"):
-        raise SerializationError(
-            f"refusing to cache a live SQLAlchemy ORM object ({type(obj).__name__}): convert rows "
-            "to plain data first, e.g. {c.key: getattr(obj, c.key) for c in "
-            "sqlalchemy.inspect(obj).mapper.column_attrs}, or select columns and use row._asdict()"
-        )
-    if isinstance(obj, Decimal):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    if isinstance(obj, set | frozenset):
-        return list(obj)
-    raise SerializationError(f"a {type(obj).__qualname__} cannot be cached as JSON; convert it to plain data")
-
-
 class JsonSerializer:
-    fmt: ClassVar[bytes] = b"j"
-    _OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_NON_STR_KEYS
+    """The exact JSON encoding (see :mod:`exporter.cache.tagged`). Its letter is ``J``: entries
+    written by the earlier, lossy JSON serializer (``j``) are dropped and reloaded, not misread."""
+
+    fmt: ClassVar[bytes] = b"J"
 
     def dumps(self, value: Any) -> bytes:
-        try:
-            return orjson.dumps(value, default=_default, option=self._OPTIONS)
-        except SerializationError:
-            raise
-        except orjson.JSONEncodeError as e:
-            cause = e.__cause__
-            if isinstance(cause, SerializationError):
-                raise cause from None
-            raise SerializationError(f"value cannot be cached as JSON: {e}") from None
+        return tagged.dumps(value)
 
     def loads(self, data: bytes) -> Any:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError as e:
-            raise PayloadError(f"not JSON: {e}") from None
+        return tagged.loads(data)
+
+
+def _orm_path(value: Any, path: str, seen: set[int], depth: int = 0) -> str | None:
+    """Where a live ORM object sits inside value (containers and object attributes), if found."""
+    if hasattr(value, "_sa_instance_state"):
+        return path
+    if depth > 50 or id(value) in seen or isinstance(value, str | bytes | int | float):
+        return None
+    seen.add(id(value))
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        children = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, set | frozenset):
+        children = [(f"{path}{{...}}", v) for v in value]
+    elif hasattr(value, "__dict__"):
+        children = [(f"{path}.{k}", v) for k, v in vars(value).items()]
+    for p, v in children:
+        found = _orm_path(v, p, seen, depth + 1)
+        if found:
+            return found
+    return None
+
+
+class _OrmRefusingPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for every object pickle meets except the basic built-in types, at any depth.
+        if hasattr(obj, "_sa_instance_state"):
+            raise _FoundOrm(obj)
+        return NotImplemented
+
+
+class _FoundOrm(Exception):
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
 
 
 class SignedPickleSerializer:
@@ -106,12 +108,13 @@ class SignedPickleSerializer:
         return hmac.new(self._key, body, hashlib.sha256).digest()
 
     def dumps(self, value: Any) -> bytes:
-        if hasattr(value, "_sa_instance_state"):
-            raise SerializationError(
-                f"refusing to cache a live SQLAlchemy ORM object ({type(value).__name__}): "
-                "it would be detached and stale when read back; cache plain data instead"
-            )
-        body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        buf = io.BytesIO()
+        try:
+            _OrmRefusingPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        except _FoundOrm as found:
+            path = _orm_path(value, "value", set()) or "value (inside an object)"
+            raise tagged.unsupported(found.obj, path) from None
+        body = buf.getvalue()
         return self._sign(body) + body
 
     def loads(self, data: bytes) -> Any:

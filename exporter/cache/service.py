@@ -7,10 +7,11 @@ script takes a lock (``SET NX PX`` with a random token) unless the value appeare
 processes poll for the value for at most ``lock_wait`` seconds, then load anyway. The lock is
 released by a compare-and-delete script, so only its owner can release it.
 
-Every entry carries a short text header, ``pc1 <fmt> <expires at, ms> <load time, ms>\\n``, then the
+Every entry carries a short text header, ``pc2 <fmt> <expires at, ms> <load time, us>\\n``, then the
 serializer's bytes; it lets a reader refuse a payload written by another serializer, serve an
-expired value during ``stale_ttl`` while one caller refreshes it, and refresh early
-(``early_refresh_beta`` > 0: probabilistic early expiration, "XFetch").
+expired value during ``stale_ttl`` while one caller refreshes it, refresh early
+(``early_refresh_beta`` > 0: probabilistic early expiration, "XFetch"), and count on each hit the
+loader time that hit saved (the load time of that very entry).
 
 If Redis fails or is slow (short socket timeouts, no retries) the loader's value is returned and the
 error is counted by operation; after ``breaker_threshold`` errors in a row Redis is skipped for
@@ -32,7 +33,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -43,11 +44,19 @@ except ImportError:  # redis-py < 7
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
 from .breaker import CircuitBreaker
-from .keys import cache_key, check_namespace, lock_key, namespace_of, namespace_pattern, tag_key
+from .keys import (
+    cache_key,
+    check_namespace,
+    check_pattern,
+    lock_key,
+    namespace_of,
+    namespace_pattern,
+    tag_key,
+)
 from .serializers import JsonSerializer, PayloadError, Serializer
 from .stats import CacheStats
 
-__all__ = ["CachingService", "Loader", "redis_client"]
+__all__ = ["DEFAULT_REDIS_URL", "CachingService", "Loader", "redis_client"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +64,9 @@ T = TypeVar("T")
 Loader = Callable[[], Awaitable[T]]
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _BATCH = 500
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 _MISSING: Any = object()
+_SCALARS = frozenset({str, int, bool, type(None)})
 
 # KEYS: entry, lock. Returns [1, value] if the entry exists, [2] if we now hold the lock, [0] if not.
 _GET_OR_LOCK = """
@@ -68,6 +79,34 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class _QueueingPool(BlockingConnectionPool):
+    """A BlockingConnectionPool whose callers take a free connection directly, and queue (for at
+    most ``timeout``) only when every connection is in use: the queue's lock, condition and timer
+    cost a cache hit about as much as decoding its value."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._free():
+            return await ConnectionPool.get_connection(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def release(self, connection: Any) -> None:
+        if self._queued():
+            await super().release(connection)  # wakes the next queued caller
+        else:
+            await ConnectionPool.release(self, connection)
+
+    def _free(self) -> bool:
+        can = getattr(self, "can_get_connection", None)  # redis-py versions differ: else queue
+        return (
+            can is not None and not getattr(self, "_in_maintenance", False) and bool(can())
+            and not self._queued()
+        )
+
+    def _queued(self) -> bool:
+        waiters = getattr(self._condition, "_waiters", True)  # unknown asyncio: always the slow path
+        return bool(waiters)
 
 
 def redis_client(
@@ -88,7 +127,7 @@ def redis_client(
         opts["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     if cluster:
         return RedisCluster.from_url(url, **opts)
-    return Redis.from_pool(BlockingConnectionPool.from_url(url, timeout=1.0, **opts))
+    return Redis.from_pool(_QueueingPool.from_url(url, timeout=1.0, **opts))
 
 
 def _seconds(value: float | timedelta, what: str) -> float:
@@ -104,8 +143,9 @@ class CachingService:
 
     def __init__(
         self,
-        redis: str | Redis | RedisCluster,
+        redis: str | Redis | RedisCluster | None = None,
         *,
+        redis_url: str | None = None,
         prefix: str = "pgcache",
         stats_key: str = "pgcache:stats",
         serializer: Serializer | None = None,
@@ -126,6 +166,10 @@ class CachingService:
         instance: str | None = None,
         max_connections: int = 100,
     ) -> None:
+        if redis is not None and redis_url is not None:
+            raise TypeError("CachingService: pass either a client or URL as `redis`, or `redis_url=`, not both")
+        if redis is None:
+            redis = redis_url or DEFAULT_REDIS_URL
         check_namespace(prefix, "prefix")
         if not 0 <= ttl_jitter < 1:
             raise ValueError("ttl_jitter must be a fraction in [0, 1)")
@@ -155,9 +199,13 @@ class CachingService:
             self._redis = redis
         self._fmt = self.serializer.fmt
         self._namespaces: set[str] = set()
+        self._keys: dict[Any, str] = {}
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._refreshing: dict[str, asyncio.Task[Any]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        # The loop this service runs on (known from the first call): synchronous sessions bound
+        # with bind() hand their invalidations to it from other threads.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._flush_lock = asyncio.Lock()
         self._closed = False
 
@@ -175,14 +223,30 @@ class CachingService:
 
     def _start(self) -> None:
         if self._flusher is None and not self._closed:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+            self.loop = asyncio.get_running_loop()
+            self._flusher = self.loop.create_task(self._flush_loop())
 
     def key(self, namespace: str, params: Mapping[str, Any]) -> str:
         """The Redis key of an entry: ``<prefix>:{<namespace>}:<digest>``."""
+        # Params of plain scalars (the common user_id=1 case) are looked up, not hashed again;
+        # the type is part of the lookup so that 1, 1.0 and True stay three keys.
+        try:
+            memo: Any = (namespace, *[(k, v.__class__, v) for k, v in params.items() if v.__class__ in _SCALARS])
+        except AttributeError:
+            memo = None
+        if memo is not None and len(memo) == len(params) + 1:
+            found = self._keys.get(memo)
+            if found is not None:
+                return found
         if namespace not in self._namespaces:
             check_namespace(namespace)
             self._namespaces.add(namespace)
-        return cache_key(self.prefix, namespace, params)
+        key = cache_key(self.prefix, namespace, params)
+        if memo is not None and len(memo) == len(params) + 1:
+            if len(self._keys) >= 4096:
+                self._keys.clear()
+            self._keys[memo] = key
+        return key
 
     # -- reading ------------------------------------------------------------------------------
     async def get_or_load(
@@ -219,7 +283,7 @@ class CachingService:
                             self.stats.stale_served(namespace)
                             self._refresh(key, namespace, loader, ttl_s, tuple(tags))
                         else:
-                            self.stats.hit(namespace)
+                            self.stats.hit(namespace, delta)
                             beta = self.early_refresh_beta
                             if beta and now - delta * beta * math.log(1.0 - random.random()) >= expires:
                                 self._refresh(key, namespace, loader, ttl_s, tuple(tags))
@@ -326,17 +390,17 @@ class CachingService:
     def _encode(self, value: Any, ttl: float, load_seconds: float) -> bytes:
         body = self.serializer.dumps(value)  # raises SerializationError: a caller's bug, not Redis's
         expires_ms = int((time.time() + ttl) * 1000)
-        return b"pc1 %s %d %d\n" % (self._fmt, expires_ms, int(load_seconds * 1000)) + body
+        return b"pc2 %s %d %d\n" % (self._fmt, expires_ms, int(load_seconds * 1_000_000)) + body
 
     def _decode(self, raw: bytes) -> tuple[Any, float, float]:
         nl = raw.find(b"\n", 0, 64)
-        if nl < 0 or not raw.startswith(b"pc1 "):
+        if nl < 0 or not raw.startswith(b"pc2 "):
             raise PayloadError("no pgcache entry header")
         parts = raw[4:nl].split(b" ")
         if len(parts) != 3 or parts[0] != self._fmt:
             raise PayloadError(f"entry written by another serializer ({parts[0]!r})")
         try:
-            expires, delta = int(parts[1]) / 1000, int(parts[2]) / 1000
+            expires, delta = int(parts[1]) / 1000, int(parts[2]) / 1_000_000
         except ValueError:
             raise PayloadError("bad pgcache entry header") from None
         return self.serializer.loads(raw[nl + 1 :]), expires, delta
@@ -396,22 +460,31 @@ class CachingService:
         return await self._unlink_counted([self.key(namespace, params)])
 
     async def invalidate_tags(self, *tags: str) -> int:
-        """Remove every entry stored with any of these tags; returns how many existed."""
-        total = 0
-        for tag in tags:
-            tk = tag_key(self.prefix, tag)
-            try:
-                members = list(await self._redis.smembers(tk))
-            except REDIS_ERRORS as e:
-                self._failed("", "invalidate", e)
-                continue
-            total += await self._unlink_counted([m.decode() for m in members])
-            try:
-                # SREM, not UNLINK: a member added while we worked stays for the next invalidation.
-                for i in range(0, len(members), _BATCH):
-                    await self._redis.srem(tk, *members[i : i + _BATCH])
-            except REDIS_ERRORS as e:
-                self._failed("", "invalidate", e)
+        """Remove every entry stored with any of these tags; returns how many existed. One
+        round trip reads every tag set, however many tags a commit brings."""
+        if not tags:
+            return 0
+        tag_keys = [tag_key(self.prefix, t) for t in dict.fromkeys(tags)]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tk in tag_keys:
+                    pipe.smembers(tk)
+                sets = await pipe.execute()
+        except REDIS_ERRORS as e:
+            self._failed("", "invalidate", e)
+            return 0
+        members = sorted({m for got in sets for m in got})
+        total = await self._unlink_counted([m.decode() for m in members])
+        try:
+            # SREM, not UNLINK: a member added while we worked stays for the next invalidation.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tk, got in zip(tag_keys, sets, strict=True):
+                    got = list(got)
+                    for i in range(0, len(got), _BATCH):
+                        pipe.srem(tk, *got[i : i + _BATCH])
+                await pipe.execute()
+        except REDIS_ERRORS as e:
+            self._failed("", "invalidate", e)
         return total
 
     async def invalidate_namespace(self, namespace: str) -> int:
@@ -420,12 +493,19 @@ class CachingService:
         return await self.invalidate_pattern(namespace_pattern(self.prefix, namespace), _ns=namespace)
 
     async def invalidate_pattern(self, pattern: str, *, _ns: str | None = None) -> int:
-        """The seed's name: remove keys matching a Redis glob pattern, found with SCAN (never
-        KEYS) and removed with UNLINK in batches. Entry keys are ``<prefix>:{<ns>}:<digest>``."""
+        """The seed's name: remove the entries whose keys match a Redis glob pattern, found with
+        SCAN (never KEYS) and removed with UNLINK in batches. Entry keys are
+        ``<prefix>:{<namespace>}:<hash of the params>``, so only ``<prefix>:{<namespace glob>}:*``
+        can select anything: any other pattern (the seed's ``user_stats:*user_id*1*``) raises
+        ValueError naming the method to use, instead of removing 0 entries silently. Only entry
+        keys are removed (never locks, tag sets or the stats hash)."""
+        check_pattern(self.prefix, pattern)
         keys: list[str] = []
         try:
             async for k in self._redis.scan_iter(match=pattern, count=1000):
-                keys.append(k.decode() if isinstance(k, bytes) else k)
+                k = k.decode() if isinstance(k, bytes) else k
+                if namespace_of(self.prefix, k) is not None:
+                    keys.append(k)
         except REDIS_ERRORS as e:
             self._failed(_ns or "", "invalidate", e)
             return 0
@@ -450,6 +530,25 @@ class CachingService:
             self.stats.invalidation(ns, removed)
             total += removed
         return total
+
+    # -- SQLAlchemy (exporter.cache.orm, imported on first use) -----------------------------
+    def bind(self, session_factory: Any, *, counters: Iterable[Any] = ()) -> None:
+        """Invalidate on commit what the factory's sessions wrote (see exporter.cache.orm):
+        ``cache.bind(async_sessionmaker(engine))``; also a sessionmaker or one session."""
+        from .orm import bind
+
+        bind(self, session_factory, counters=counters)
+
+    async def query(
+        self, session: Any, stmt: Any, *, ttl: float | timedelta | None = None,
+        namespace: str = "query", tags: Iterable[str] = (),
+    ) -> list[dict[str, Any]]:
+        """Run a ``select()`` once per (SQL, params) and cache its rows as plain dicts, tagged
+        ``table:<t>`` for every table it reads, so a bound session's commits keep it fresh."""
+        from .orm import query
+
+        ttl_s = None if ttl is None else _seconds(ttl, "ttl")
+        return await query(self, session, stmt, ttl=ttl_s, namespace=namespace, tags=tags)
 
     # -- the seed design's API ----------------------------------------------------------------
     async def get_cached_query_result(

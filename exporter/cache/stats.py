@@ -10,6 +10,8 @@ field's kind, so it may contain any character, ``|`` included, and still parse u
     stale_served|<ns>             expired entries served while a refresh ran (stale_ttl > 0)
     loads|<ns>                    loader runs
     load_seconds_sum|<ns>         sum of loader durations (HINCRBYFLOAT)
+    saved_seconds|<ns>            loader time the hits avoided: each hit adds the load time of
+                                  the entry it read, recorded when it was stored (HINCRBYFLOAT)
     load_bucket|<le>|<ns>         loader runs with duration <= le seconds; cumulative, like a
                                   Prometheus histogram; le is one of BUCKETS or "+Inf" (= loads)
     invalidations|<ns>            invalidate / invalidate_tags / invalidate_namespace calls
@@ -21,7 +23,7 @@ field's kind, so it may contain any character, ``|`` included, and still parse u
 
 hits, misses and stale_served are disjoint outcomes of a read that reached Redis; a read that
 failed is counted under errors|get instead. Operations not tied to one namespace (a flush, a
-pattern delete, a tag invalidation that found no entry) use the empty namespace. All values are integers except load_seconds_sum.
+pattern delete, a tag invalidation that found no entry) use the empty namespace. All values are integers except load_seconds_sum and saved_seconds.
 
 A flush applies every delta with HINCRBY / HINCRBYFLOAT in one server-side script, atomically, and
 records the batch's sequence number in the same step. A flush that fails keeps its batch and
@@ -110,8 +112,10 @@ class CacheStats:
         self._pending: _Batch | None = None
 
     # -- counting (the hot path: one dict update) -------------------------------------------
-    def hit(self, ns: str) -> None:
+    def hit(self, ns: str, saved_seconds: float = 0.0) -> None:
         self._ints["hits|" + ns] += 1
+        if saved_seconds:
+            self._floats["saved_seconds|" + ns] += saved_seconds
 
     def miss(self, ns: str) -> None:
         self._ints["misses|" + ns] += 1
@@ -192,6 +196,7 @@ class NamespaceStats:
     # Cumulative bucket counts by upper bound (math.inf for +Inf).
     buckets: dict[float, int] = field(default_factory=dict)
     load_seconds_sum: float = 0.0
+    saved_seconds: float = 0.0
 
     @property
     def activity(self) -> int:
@@ -246,6 +251,8 @@ def parse_stats(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> StatsSnaps
                 ns_stats(ns).buckets[le] = int(v)
             elif kind == "load_seconds_sum":
                 ns_stats(rest).load_seconds_sum = float(v)
+            elif kind == "saved_seconds":
+                ns_stats(rest).saved_seconds = float(v)
             elif kind == "flush_ts":
                 snap.flush_timestamps[rest] = float(v)
             elif kind == "flush_seq":

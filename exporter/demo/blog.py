@@ -1,6 +1,6 @@
 """The blog of the seed design, fixed: typed SQLAlchemy 2.0 models, the seed's five indexes (plus
-one nobody uses, for the unused-index panel), a cached repository that returns plain data and
-invalidates exactly, and a steady workload that gives every dashboard something to show.
+one nobody uses, for the unused-index panel), a cached repository that returns plain data and is
+kept fresh by ``cache.bind()`` (no invalidation call anywhere), and a steady workload that gives every dashboard something to show.
 
 All SQL is bound parameters or SQLAlchemy expressions; no value is ever formatted into SQL text.
 """
@@ -32,7 +32,6 @@ from sqlalchemy import (
     select,
     text,
     true,
-    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import (
@@ -45,6 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..cache import CachingService
+from ..cache.orm import row_tags, table_tag
 
 __all__ = [
     "SEED_INDEXES",
@@ -218,8 +218,11 @@ def popular_posts_query(limit: int) -> Select[int, str, str, int, int, datetime]
 
 
 class CachedUserRepository:
-    """The seed's cached repository, returning plain data (never ORM objects) and invalidating by
-    tag: every entry about a user is stored with the tag ``user:<id>``."""
+    """The seed's cached repository, returning plain data (never ORM objects). It never
+    invalidates: ``cache.bind()`` does, on commit. An entry about a user carries that user's row
+    tags (dropped when the user, or a post or follow that references the user, is written); the
+    popular list carries the posts and users table tags (dropped by any write to them but a like
+    or a view: those are declared counters, so the list may show a like count up to its TTL old)."""
 
     USER_STATS = "user_stats"
     POPULAR = "popular_posts"
@@ -227,6 +230,7 @@ class CachedUserRepository:
     def __init__(self, session_factory: async_sessionmaker[AsyncSession], cache: CachingService) -> None:
         self.sessions = session_factory
         self.cache = cache
+        cache.bind(session_factory, counters=[Post.like_count, Post.view_count])
 
     async def get_user_with_stats(self, user_id: int) -> dict[str, Any] | None:
         """The uncached query. Counts come from separate subqueries: the seed joined posts and
@@ -277,13 +281,9 @@ class CachedUserRepository:
     async def get_user_with_stats_cached(self, user_id: int) -> dict[str, Any] | None:
         result: dict[str, Any] | None = await self.cache.get_or_load(
             self.USER_STATS, {"user_id": user_id}, lambda: self.get_user_with_stats(user_id),
-            ttl=300, tags=[f"user:{user_id}"],
+            ttl=300, tags=row_tags(User, user_id),
         )
         return result
-
-    async def invalidate_user_cache(self, user_id: int) -> int:
-        """Remove every cached entry about this user (and nothing about users 10 or 100)."""
-        return await self.cache.invalidate_tags(f"user:{user_id}")
 
     async def get_popular_posts(self, limit: int) -> list[dict[str, Any]]:
         stmt = popular_posts_query(limit)
@@ -294,21 +294,20 @@ class CachedUserRepository:
     async def get_popular_posts_cached(self, limit: int = 10) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self.cache.get_or_load(
             self.POPULAR, {"limit": limit}, lambda: self.get_popular_posts(limit), ttl=600,
+            tags=[table_tag(Post), table_tag(User)],
         )
         return result
 
     async def like_post(self, post_id: int) -> int | None:
-        """A write: one more like, then the author's cached stats are dropped."""
+        """A write: one more like (``like_count = like_count + 1`` in SQL). Through the unit of
+        work, so the commit drops the author's cached stats: a bulk ``update()`` would not say
+        whose post it was, and would drop every user's."""
         async with self.sessions.begin() as session:
-            author = (
-                await session.execute(
-                    update(Post).where(Post.id == post_id).values(like_count=Post.like_count + 1)
-                    .returning(Post.author_id)
-                )
-            ).scalar_one_or_none()
-        if author is not None:
-            await self.invalidate_user_cache(author)
-        return author
+            post = await session.get(Post, post_id)
+            if post is None:
+                return None
+            post.like_count = Post.like_count + 1  # type: ignore[assignment]
+            return post.author_id
 
     async def create_post(self, author_id: int, title: str, tags: list[str]) -> int:
         async with self.sessions.begin() as session:
@@ -316,8 +315,6 @@ class CachedUserRepository:
             session.add(post)
             await session.flush()
             post_id = post.id
-        await self.invalidate_user_cache(author_id)
-        await self.cache.invalidate_namespace(self.POPULAR)
         return post_id
 
     async def recent_posts(self, limit: int = 20) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from exporter.cache import CachingService
+from exporter.demo import blog
 from exporter.demo.blog import (
     CachedUserRepository,
     asyncpg_url,
@@ -48,7 +50,7 @@ async def test_schema_has_the_seed_indexes_and_an_unused_one(blog_engine: AsyncE
     assert "lower((username)::text)" in defs["idx_users_username_lower_unused"]
 
 
-async def test_repository_caches_plain_data_and_invalidates_one_user(
+async def test_repository_is_kept_fresh_by_bind_without_invalidation_calls(
     blog_engine: AsyncEngine, redis_url: str
 ) -> None:
     sessions = async_sessionmaker(blog_engine, expire_on_commit=False)
@@ -72,7 +74,9 @@ async def test_repository_caches_plain_data_and_invalidates_one_user(
         assert await repo.get_user_with_stats_cached(1) == one
         assert cache.stats.pending()["hits|user_stats"] == 1
 
-        # A write on one of user 1's posts drops user 1's entry, and only that.
+        # A like on one of user 1's posts (a commit through the bound sessions) drops user 1's
+        # entry, and only that; the popular list (a like count is a declared counter) stays.
+        assert await repo.get_popular_posts_cached(5)
         async with blog_engine.connect() as conn:
             post_id = (await conn.execute(text(
                 "SELECT id FROM posts WHERE author_id = 1 AND NOT is_deleted ORDER BY id LIMIT 1"))).scalar_one()
@@ -80,6 +84,8 @@ async def test_repository_caches_plain_data_and_invalidates_one_user(
         k = {uid: cache.key("user_stats", {"user_id": uid}) for uid in (1, 10, 100)}
         assert await cache.redis.exists(k[1]) == 0
         assert await cache.redis.exists(k[10], k[100]) == 2
+        assert await cache.redis.exists(cache.key("popular_posts", {"limit": 5})) == 1
+        await cache.invalidate_namespace("popular_posts")
         fresh = await repo.get_user_with_stats_cached(1)
         assert fresh is not None and fresh["stats"]["total_likes"] == expected.likes + 1
 
@@ -95,6 +101,10 @@ async def test_repository_caches_plain_data_and_invalidates_one_user(
         assert await cache.redis.exists(k[10]) == 0
         assert await cache.redis.exists(cache.key("popular_posts", {"limit": 5})) == 0
         assert await repo.posts_with_tag("fresh")
+        assert not hasattr(repo, "invalidate_user_cache")  # the application never invalidates
+        src = inspect.getsource(blog)
+        repository = src.split("class CachedUserRepository", 1)[1].split("async def run_workload")[0]
+        assert ".invalidate" not in repository
 
 
 async def test_workload_exercises_everything(blog_engine: AsyncEngine, redis_url: str) -> None:

@@ -72,8 +72,8 @@ async def test_caching_tags_namespaces_and_stats_on_a_cluster(cluster_url: str) 
     assert hits["cold"] + misses["cold"] == 50
     assert (misses["ns5"], hits["ns5"]) == (7, 5)
     assert (misses["ns3"], hits["ns3"]) == (5, 7)
-    # Seven counters and a 16-sample histogram for each of the 8 namespaces cut.
-    assert result.dropped == 8 * (7 + 16)
+    # Seven counters, saved seconds and a 16-sample histogram for each of the 8 namespaces cut.
+    assert result.dropped == 8 * (8 + 16)
     used = [s.value for s in fams["pgcache_redis_memory_used_bytes"].samples]
     assert used and used[0] > 0
     assert [s.value for s in fams["pgcache_redis_up"].samples] == [1]

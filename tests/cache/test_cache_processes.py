@@ -76,6 +76,10 @@ async def test_counters_of_three_processes_add_up_in_the_daemons_metrics(redis_u
     assert get("pgcache_cache_load_duration_seconds_count", namespace="proc") == 12
     assert get("pgcache_cache_load_duration_seconds_bucket", namespace="proc", le="+Inf") == 12
     assert get("pgcache_cache_load_duration_seconds_bucket", namespace="proc", le="0.1") == 12
+    # Each key was hit once after its one load: the hits saved what the loads cost.
+    saved = get("pgcache_cache_saved_seconds_total", namespace="proc")
+    assert saved >= 12 * 0.01
+    assert saved == pytest.approx(get("pgcache_cache_load_duration_seconds_sum", namespace="proc"), abs=12e-6)
     assert get("pgcache_redis_up") == 1
     assert get("pgcache_redis_keyspace_hits_total") >= 12
     assert get("pgcache_redis_connected_clients") >= 1

@@ -86,8 +86,17 @@ async def test_each_invalidation_removes_exactly_its_entries(redis_url: str) -> 
 
         await warm()
         assert len(loads) == 6
-        # The seed's pattern never matched its md5 keys; nor does it match ours: prove it removes nothing.
-        assert await cache.invalidate_pattern("user_stats:*user_id*1*") == 0
+        # The seed's patterns can never match a hashed key: refused, naming what to call instead.
+        for seed_pattern, method in [
+            ("user_stats:*user_id*50001*", "cache.invalidate('user_stats', {<the params>})"),
+            ("user:*", "cache.invalidate_namespace('user')"),
+            ("pgcache:{user_stats}:*user_id*1*", "invalidate_tags"),
+            ("*", "invalidate_namespace"),
+        ]:
+            with pytest.raises(ValueError, match="can never match a cache entry") as err:
+                await cache.invalidate_pattern(seed_pattern)
+            assert method in str(err.value), str(err.value)
+        assert len(loads) == 6 and await cache.redis.exists(cache.key("user_stats", {"user_id": 1})) == 1
 
         loads.clear()
         assert await cache.invalidate("user_stats", {"user_id": 1}) == 1
@@ -105,14 +114,20 @@ async def test_each_invalidation_removes_exactly_its_entries(redis_url: str) -> 
         assert sorted(loads) == [("user_stats", 1), ("user_stats", 10), ("user_stats", 100)]
 
         loads.clear()
-        # The seed's own name, with a pattern that fits the real key layout.
+        # The seed's own name, with a pattern that fits the real key layout. Locks, tag sets and
+        # the stats hash are never entries, even when a namespace glob would reach them.
+        await cache.flush_stats()
         assert await cache.invalidate_pattern("pgcache:{user_posts}:*") == 3
+        assert await cache.invalidate_pattern("pgcache:{*}:" + "0" * 32) == 0
+        assert await cache.redis.exists("pgcache:stats", "pgcache:tag:user:1") == 2
         await warm()
         assert sorted(loads) == [("user_posts", 1), ("user_posts", 10), ("user_posts", 100)]
 
+        stored = {k.decode(): float(v) for k, v in (await cache.redis.hgetall("pgcache:stats")).items()
+                  if not k.startswith(b"flush")}
         pending = cache.stats.pending()
-        assert pending["invalidated_keys|user_stats"] == 1 + 1 + 3
-        assert pending["invalidated_keys|user_posts"] == 1 + 3
+        assert stored["invalidated_keys|user_stats"] + pending.get("invalidated_keys|user_stats", 0) == 1 + 1 + 3
+        assert stored.get("invalidated_keys|user_posts", 0) + pending["invalidated_keys|user_posts"] == 1 + 3
 
 
 async def test_namespace_invalidation_is_literal(redis_url: str) -> None:
@@ -283,7 +298,7 @@ async def test_slow_redis_times_out_quickly(redis_private: RedisServer) -> None:
 
 async def test_signed_pickle_roundtrip_and_tampering(redis_url: str) -> None:
     ser = SignedPickleSerializer(b"k" * 32)
-    value = {"when": (1, 2), "set": {3}}
+    value = {"when": (1, 2), "set": {3}, "obj": Boom2(5)}
     calls, load = counting_loader(value)
     async with CachingService(redis_url, serializer=ser) as cache:
         assert await cache.get_or_load("p", {}, load, ttl=60) == value
@@ -302,6 +317,14 @@ async def test_signed_pickle_roundtrip_and_tampering(redis_url: str) -> None:
         assert len(calls) == 3
     with pytest.raises(ValueError, match="at least 16 bytes"):
         SignedPickleSerializer(b"short")
+
+
+class Boom2:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Boom2) and other.x == self.x
 
 
 UNPICKLED: list[str] = []
@@ -323,8 +346,8 @@ async def test_default_serializer_never_unpickles(redis_url: str) -> None:
         key = cache.key("evil", {})
         for payload in (
             pickle.dumps(Boom()),  # what the seed stored
-            b"pc1 p 99999999999999 1\n" + pickle.dumps(Boom()),  # claims to be pickle
-            b"pc1 j 99999999999999 1\n" + pickle.dumps(Boom()),  # claims to be JSON
+            b"pc2 p 99999999999999 1\n" + pickle.dumps(Boom()),  # claims to be pickle
+            b"pc2 J 99999999999999 1\n" + pickle.dumps(Boom()),  # claims to be JSON
         ):
             await cache.redis.set(key, payload)
             assert await cache.get_or_load("evil", {}, load, ttl=60) == {"safe": 1}
@@ -343,12 +366,37 @@ class Thing(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
 
 
+async def test_seed_constructor_keyword_and_default_url(redis_url: str) -> None:
+    async with CachingService(redis_url=redis_url) as cache:
+        assert await cache.get_or_load("kw", {}, counting_loader(1)[1]) == 1
+    default = CachingService()
+    assert default.redis.connection_pool.connection_kwargs["port"] == 6379
+    assert default.redis.connection_pool.connection_kwargs.get("db", 0) == 0
+    await default.close()
+    with pytest.raises(TypeError, match="not both"):
+        CachingService(redis_url, redis_url=redis_url)
+
+
+async def test_hits_count_the_loader_time_they_saved(redis_url: str) -> None:
+    calls, load = counting_loader("v", delay=0.05)
+    async with CachingService(redis_url, stats_flush_interval=3600) as cache:
+        await cache.get_or_load("saved", {}, load, ttl=60)
+        assert "saved_seconds|saved" not in cache.stats.pending()  # a miss saves nothing
+        for _ in range(4):
+            await cache.get_or_load("saved", {}, load, ttl=60)
+        pending = cache.stats.pending()
+        assert pending["hits|saved"] == 4
+        # Each hit adds the load time of the entry it read (about 50 ms).
+        assert 4 * 0.045 <= pending["saved_seconds|saved"] <= 4 * 0.5
+        assert pending["saved_seconds|saved"] == pytest.approx(4 * pending["load_seconds_sum|saved"], rel=0.01)
+
+
 async def test_orm_objects_are_refused_with_advice(redis_url: str) -> None:
     async def load() -> Any:
         return {"thing": Thing(id=1)}
 
     async with CachingService(redis_url) as cache:
-        with pytest.raises(SerializationError, match="ORM object.*convert rows"):
+        with pytest.raises(SerializationError, match=r"^value\['thing'\]: .*ORM object.*row._asdict"):
             await cache.get_or_load("orm", {}, load)
         assert await cache.redis.exists(cache.key("orm", {})) == 0
 
@@ -385,3 +433,16 @@ async def test_stats_flush_is_periodic_and_exact(redis_url: str) -> None:
         assert (await cache.redis.hget("s:stats", "hits|f")) == b"3"
     async with aredis.Redis.from_url(redis_url) as r:
         assert await r.hexists("s:stats", "flush_ts|me") == 0  # a clean close forgets the instance
+
+
+async def test_remembered_keys_keep_types_apart() -> None:
+    cache = CachingService("redis://127.0.0.1:1/0")
+    try:
+        for _ in range(2):  # computed, then remembered
+            keys = [cache.key("n", {"a": v}) for v in (1, True, 1.0, "1", None)]
+            assert len(set(keys)) == 5
+            assert keys[0] == cache.key("n", {"a": 1}) == cache.key("n", {"a": 1, **{}})
+            assert cache.key("n", {"a": 1, "b": 2}) == cache.key("n", {"b": 2, "a": 1})
+            assert cache.key("m", {"a": 1}) != keys[0]
+    finally:
+        await cache.close()
