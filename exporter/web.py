@@ -1,4 +1,9 @@
-"""HTTP: /metrics (ready bytes), / (landing page with every collector's state), /healthz, /ready."""
+"""HTTP: /metrics (ready bytes), / (landing page with every collector's state), /healthz, /ready.
+
+A scrape hands out the snapshot's rendered bytes: every client gets a view of the same immutable
+object, written in 64 KiB chunks that each wait for the socket (see httpserver.py), so many slow
+clients never multiply the exposition in memory.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +27,32 @@ TargetsFn = Callable[[], list[tuple[str, str]]]
 TARGETS_KEY: web.AppKey[TargetsFn] = web.AppKey("targets")
 
 
-async def metrics(request: web.Request) -> web.Response:
+CHUNK = 64 * 1024
+
+
+async def send_shared(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """Send `body` (shared by every client, never copied whole) in chunks, each written only when
+    the previous one has reached the kernel."""
+    response = web.StreamResponse(headers=headers)
+    response.content_length = len(body)
+    await response.prepare(request)
+    if request.method != "HEAD":
+        view = memoryview(body)
+        for start in range(0, len(body), CHUNK):
+            await response.write(view[start:start + CHUNK])
+    await response.write_eof()
+    return response
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
     snap = request.app[SNAPSHOT_KEY]
     if "application/openmetrics-text" in request.headers.get("Accept", ""):
-        return web.Response(body=snap.openmetrics(), headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
+        return await send_shared(request, snap.openmetrics(), {"Content-Type": OPENMETRICS_CONTENT_TYPE})
     headers = {"Content-Type": TEXT_CONTENT_TYPE}
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         headers["Content-Encoding"] = "gzip"
-        return web.Response(body=snap.served(gzipped=True), headers=headers)
-    return web.Response(body=snap.served(gzipped=False), headers=headers)
+        return await send_shared(request, snap.served(gzipped=True), headers)
+    return await send_shared(request, snap.served(gzipped=False), headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
