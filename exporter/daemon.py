@@ -141,8 +141,6 @@ class Daemon:
         # The HTTP loop asks for the interpreter several times per scrape; with collection busy in
         # other threads, a shorter switch interval (default 5 ms) keeps each wait short.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self._collection.start()
-        await self._collection.run(self._apply(self.config))
         web_cfg = self.config.web
         cap, lowered = connection_cap(web_cfg.max_connections)
         if lowered:
@@ -163,9 +161,12 @@ class Daemon:
         site = GuardedSite(self._runner, host, port, self.http_guard,
                            ssl_context=self.security.ssl_context)
         try:
-            await site.start()
+            # The port first: when it is taken, nothing else has started (no connections to the
+            # targets, no log lines besides the one error).
+            site.bind()
         except OSError as e:
-            await self.stop()
+            await self._runner.cleanup()
+            self._runner = None
             # One line, exit code 2 (ConfigError): the usual cause is another process on the port.
             reason = e.strerror or str(e)
             hint = " (is another exporter running? choose another port with --web.listen-address)" \
@@ -173,6 +174,9 @@ class Daemon:
             raise ConfigError(
                 f"web.listen_address: cannot listen on {web_cfg.listen_address}: {reason}{hint}"
             ) from None
+        self._collection.start()
+        await self._collection.run(self._apply(self.config))
+        await site.start()
         sockets = [s for s in (self._runner.addresses or [])]
         if sockets:
             self.bound = (str(sockets[0][0]), int(sockets[0][1]))

@@ -282,6 +282,7 @@ class GuardedSite(web.BaseSite):
         self._port = port
         self._guard = guard
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sockets: list[socket.socket] | None = None
         self._accept_errors = RateLimitedLog(log)
 
     @property
@@ -289,12 +290,18 @@ class GuardedSite(web.BaseSite):
         scheme = "https" if self._ssl_context else "http"
         return f"{scheme}://{self._host}:{self._port}"
 
+    def bind(self) -> None:
+        """Take the address now (OSError if it is in use); connections are accepted from start()."""
+        if self._sockets is None:
+            self._sockets = _listening_sockets(self._host, self._port, self._backlog)
+
     async def start(self) -> None:
         await super().start()
-        sockets = _listening_sockets(self._host, self._port, self._backlog)
-        self._server = _Listener(sockets)  # type: ignore[assignment]
+        self.bind()
+        assert self._sockets is not None
+        self._server = _Listener(self._sockets)  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
-        for sock in sockets:
+        for sock in self._sockets:
             self._spawn(loop.create_task(self._accept_loop(sock)))
 
     async def stop(self) -> None:
@@ -302,6 +309,9 @@ class GuardedSite(web.BaseSite):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is None and self._sockets:  # bound, never started
+            for s in self._sockets:
+                s.close()
         await super().stop()
 
     def _spawn(self, task: asyncio.Task[None]) -> None:

@@ -311,10 +311,11 @@ class CachedUserRepository:
 
 async def run_workload(
     engine: AsyncEngine, cache: CachingService, *, stop: asyncio.Event, rate: float = 20.0,
-    seed: int | None = None,
+    seed: int | None = None, done: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """A steady mix until ``stop`` is set: ~70% cached reads (user stats, popular posts), ~10% tag
-    searches, ~15% writes that invalidate, ~5% a slow query. Returns how many of each ran."""
+    searches, ~15% writes that invalidate, ~5% a slow query. Returns how many of each ran (kept
+    up to date in ``done`` if given, so a caller can report progress)."""
     rnd = random.Random(seed)
     repo = CachedUserRepository(async_sessionmaker(engine, expire_on_commit=False), cache)
     async with engine.connect() as conn:
@@ -322,7 +323,7 @@ async def run_workload(
         post_ids = list((await conn.execute(select(Post.id).limit(5000))).scalars())
     if not user_ids or not post_ids:
         raise RuntimeError("the blog has no data: call seed_data(engine) first")
-    done: dict[str, int] = {}
+    done = {} if done is None else done
     ops = ["user_stats", "popular", "tag_search", "like", "new_post", "slow"]
     weights = [55, 15, 10, 12, 3, 5]
     interval = 1.0 / rate
@@ -358,6 +359,7 @@ async def run_workload(
 
 async def run_demo_workload(
     dsn: str, redis_url: str, stop: asyncio.Event, *, rate: float = 20.0, stats_key: str = "pgcache:stats",
+    done: dict[str, int] | None = None,
 ) -> None:
     """What `pgcache-exporter demo` runs beside the daemon: schema, data (once), then the workload."""
     engine = create_async_engine(asyncpg_url(dsn), pool_size=5)
@@ -368,6 +370,6 @@ async def run_demo_workload(
         if empty:
             await seed_data(engine)
         async with CachingService(redis_url, stats_key=stats_key, instance="demo") as cache:
-            await run_workload(engine, cache, stop=stop, rate=rate)
+            await run_workload(engine, cache, stop=stop, rate=rate, done=done)
     finally:
         await engine.dispose()
