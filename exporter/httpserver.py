@@ -6,7 +6,7 @@ stalled clients costs a bounded number of sockets and bytes instead of the expor
 - A connection must deliver a complete request header within `header_timeout` of opening (or of
   its first byte after a keep-alive pause); a keep-alive connection that sends nothing is closed
   after `idle_timeout`.
-- Writes are flow-controlled to the socket: at most one 64 KiB chunk waits in user space per
+- Writes are flow-controlled to the socket: at most two 64 KiB chunks wait in user space per
   connection, and a response the client stops reading for `write_timeout` is aborted.
 - accept() failures (EMFILE and friends) back off and are logged at most once per interval, with a
   count, instead of once per attempt.
@@ -106,8 +106,9 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = transport  # type: ignore[assignment]
         assert isinstance(t, asyncio.Transport)
-        # High-water mark 0: the handler's drain() waits until every byte reached the kernel, so
-        # a client that does not read pins one chunk at most, never a copy of the whole response.
+        # High-water mark 0: the handler's drain() (after every 64 KiB) waits until every byte
+        # reached the kernel, so a client that does not read pins two chunks at most, never a
+        # copy of the whole response; and pause_writing starts the write timeout.
         t.set_write_buffer_limits(high=0)
         self._guard.connections[t] = self
         self._arm_header_timer()

@@ -1,8 +1,8 @@
 """HTTP: /metrics (ready bytes), / (landing page with every collector's state), /healthz, /ready.
 
 A scrape hands out the snapshot's rendered bytes: every client gets a view of the same immutable
-object, written in 64 KiB chunks that each wait for the socket (see httpserver.py), so many slow
-clients never multiply the exposition in memory.
+object, written in 64 KiB chunks with a wait for the socket after every 64 KiB (see httpserver.py),
+so many slow clients never multiply the exposition in memory.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ CHUNK = 64 * 1024
 
 
 async def send_shared(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
-    """Send `body` (shared by every client, never copied whole) in chunks, each written only when
-    the previous one has reached the kernel."""
+    """Send `body` (shared by every client, never copied whole) in chunks; aiohttp drains after
+    every 64 KiB, and with the connection's high-water mark at 0 that means until the kernel has
+    taken every byte."""
     response = web.StreamResponse(headers=headers)
     response.content_length = len(body)
     await response.prepare(request)
