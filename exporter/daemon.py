@@ -174,8 +174,12 @@ class Daemon:
             raise ConfigError(
                 f"web.listen_address: cannot listen on {web_cfg.listen_address}: {reason}{hint}"
             ) from None
-        self._collection.start()
-        await self._collection.run(self._apply(self.config))
+        try:
+            self._collection.start()
+            await self._collection.run(self._apply(self.config))
+        except BaseException:
+            site.unbind()
+            raise
         await site.start()
         sockets = [s for s in (self._runner.addresses or [])]
         if sockets:

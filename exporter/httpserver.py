@@ -100,6 +100,8 @@ class _Connection(asyncio.Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._busy = False
+        self._partial = False  # bytes of an unfinished request header have arrived
+        self._tail = b""
         self._released = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -115,10 +117,23 @@ class _Connection(asyncio.Protocol):
         self._inner.connection_made(t)
 
     def data_received(self, data: bytes) -> None:
-        if not self._busy and self._header_timer is None:
-            # The first byte of a request on a kept-alive connection: its header has to follow.
+        self._scan(data)
+        if not self._busy and self._partial and self._header_timer is None:
+            # The start of a request on a kept-alive connection: its header has to follow.
             self._arm_header_timer()
         self._inner.data_received(data)
+
+    def _scan(self, data: bytes) -> None:
+        """Track whether bytes of an unfinished request header are waiting (anything after the
+        last blank line). Only GET and HEAD are served, so a body never confuses this for long:
+        at worst its connection is closed header_timeout after the answer."""
+        buf = self._tail + data
+        end = buf.rfind(b"\r\n\r\n")
+        if end >= 0:
+            self._partial = bool(buf[end + 4:].strip(b"\r\n"))
+        else:
+            self._partial = self._partial or bool(data.strip(b"\r\n"))
+        self._tail = buf[-3:]
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -147,8 +162,11 @@ class _Connection(asyncio.Protocol):
         self._cancel_header_timer()
 
     def request_finished(self) -> None:
-        # Waiting for the next request is aiohttp's keep-alive timeout (idle_timeout) again.
+        # Waiting for the next request is aiohttp's keep-alive timeout (idle_timeout) again,
+        # unless part of one already arrived (pipelined behind this one).
         self._busy = False
+        if self._partial:
+            self._arm_header_timer()
 
     def release(self) -> None:
         if not self._released:
@@ -296,6 +314,13 @@ class GuardedSite(web.BaseSite):
         if self._sockets is None:
             self._sockets = _listening_sockets(self._host, self._port, self._backlog)
 
+    def unbind(self) -> None:
+        """Give the address back when start() will not be called after bind()."""
+        if self._server is None and self._sockets:
+            for s in self._sockets:
+                s.close()
+            self._sockets = None
+
     async def start(self) -> None:
         await super().start()
         self.bind()
@@ -310,9 +335,7 @@ class GuardedSite(web.BaseSite):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is None and self._sockets:  # bound, never started
-            for s in self._sockets:
-                s.close()
+        self.unbind()
         await super().stop()
 
     def _spawn(self, task: asyncio.Task[None]) -> None:

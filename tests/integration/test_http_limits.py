@@ -188,6 +188,27 @@ async def test_idle_keepalive_connection_is_closed_after_idle_timeout(
     writer.close()
 
 
+async def test_partial_request_after_a_kept_alive_one_gets_header_timeout_not_idle_timeout(
+    pg: PostgresCluster, tmp_path: Path, exporters: list[Exporter]
+) -> None:
+    exp = Exporter(tmp_path, small_config(pg, "{header_timeout: 1s, idle_timeout: 60s}"))
+    exporters.append(exp)
+    await exp.ready()
+    for pipelined in (True, False):
+        reader, writer = await asyncio.open_connection("127.0.0.1", exp.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: exporter\r\n\r\n" + (PARTIAL if pipelined else b""))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(3)  # "ok\n"
+        if not pipelined:
+            await asyncio.sleep(0.5)
+            writer.write(PARTIAL)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+        assert time.monotonic() - started < 2.5, pipelined
+        writer.close()
+
+
 async def test_full_connection_table_queues_new_clients_instead_of_failing(
     pg: PostgresCluster, tmp_path: Path, exporters: list[Exporter]
 ) -> None:
@@ -332,3 +353,62 @@ def test_accept_error_log_is_rate_limited() -> None:
         "cannot accept HTTP connections: Too many open files",
         "cannot accept HTTP connections: Too many open files (and 8599 more like it in the last 10s)",
     ]
+
+
+GUARDED_SERVER = """
+import asyncio, logging, sys
+from aiohttp import web
+from exporter.httpserver import ConnectionGuard, GuardedSite, HttpLimits
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+async def main():
+    guard = ConnectionGuard(HttpLimits(header_timeout=30, max_connections=1000))
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_get("/healthz", lambda r: web.Response(text="ok"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = GuardedSite(runner, "127.0.0.1", int(sys.argv[1]), guard)
+    await site.start()
+    print("listening", flush=True)
+    await asyncio.sleep(float(sys.argv[2]))
+    await runner.cleanup()
+
+asyncio.run(main())
+"""
+
+
+def start_guarded_server(port: int, *, seconds: float, nofile: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", GUARDED_SERVER, str(port), str(seconds)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=REPO,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
+    )
+
+
+async def test_out_of_file_descriptors_backs_off_and_logs_once_per_interval(tmp_path: Path) -> None:
+    """The issue's fault run without the cap's safety margin: accept() itself fails with EMFILE.
+    The loop backs off instead of spinning, the log says it once and then a count, and the
+    server answers again once descriptors are free."""
+    port = free_port()
+    proc = start_guarded_server(port, seconds=14, nofile=64)
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.to_thread(proc.stdout.readline) == "listening\n"
+        held = await open_partial(port, 150)  # more than 64 descriptors: accept() fails
+        await asyncio.sleep(11)  # one rate-limit interval and a bit
+        for s in held:
+            s.close()
+        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    accept = [line for line in lines if "cannot accept HTTP connections: Too many open files" in line]
+    assert 1 <= len(accept) <= 3, lines
+    assert any("more like it in the last 10s" in line for line in accept), lines
+    assert len(lines) <= 5, lines
