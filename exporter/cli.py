@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -112,9 +113,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if config.web.config_file is not None:
             load_web_config(config.web.config_file)
     except ConfigError as e:
-        return _fail_config(e, prefix=f"{args.file}: ")
+        return _fail_config(ConfigError("\n".join(_every_problem(args.file, e))), prefix=f"{args.file}: ")
     print(f"{args.file}: OK ({len(config.postgres)} PostgreSQL and {len(config.redis)} Redis target(s))")
     return EXIT_OK
+
+
+_UNSET_RE = re.compile(r"^(.*): environment variable (\w+) is not set$")
+
+
+def _every_problem(path: str, error: ConfigError) -> list[str]:
+    """The unset variables, and what else is wrong in the file: validated again with each unset
+    variable empty, minus what that emptiness itself causes under the keys that use one."""
+    lines = str(error).splitlines()
+    unset = [m for m in map(_UNSET_RE.match, lines) if m]
+    if not unset or len(unset) != len(lines):
+        return lines
+    env = {**os.environ, **{m.group(2): "" for m in unset}}
+    keys = {m.group(1) for m in unset}
+    try:
+        load_config(path, env=env)
+    except ConfigError as again:
+        for line in str(again).splitlines():
+            key = line.split(": ", 1)[0]
+            if not any(key == k or key.startswith((k + ".", k + "[")) or k.startswith((key + ".", key + "["))
+                       for k in keys):
+                lines.append(line)
+    return lines
 
 
 def _once_config(config: Config) -> Config:

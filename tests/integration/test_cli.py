@@ -96,17 +96,19 @@ def test_check_config_names_every_problem_and_unset_variable_in_one_run(tmp_path
     bad.write_text(
         "postgres:\n"
         "  - {name: a, dsn: 'postgresql://u@h:99999/db?sslmode=sometimes'}\n"
+        "  - {name: b, dsn: '${NOPE_DSN}'}\n"
         "redis:\n"
         "  - {name: r, url: 'redis://r:6379/zero'}\n"
         "collectors:\n  tables: {interval: soon}\n"
     )
-    r = run("check-config", str(bad))
+    r = subprocess.run([sys.executable, "-m", "exporter", "check-config", str(bad)],
+                       capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2
     lines = r.stderr.splitlines()
-    assert len(lines) == 4, lines
-    for key in ("postgres[0].dsn: port", "postgres[0].dsn: option sslmode", "redis[0].url: the database",
-                "collectors.tables.interval:"):
-        assert any(f"{bad}: {key}" in line for line in lines), (key, lines)
+    assert len(lines) == 5, lines
+    for key in ("postgres[1].dsn: environment variable NOPE_DSN is not set", "postgres[0].dsn: port",
+                "postgres[0].dsn: option sslmode", "redis[0].url: the database", "collectors.tables.interval:"):
+        assert any(line.startswith(f"{bad}: {key}") for line in lines), (key, lines)
 
 
 def test_port_in_use_is_one_line_and_exit_2() -> None:
