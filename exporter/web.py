@@ -8,6 +8,7 @@ so many slow clients never multiply the exposition in memory.
 from __future__ import annotations
 
 import html
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,8 @@ from . import __version__
 from .snapshot import Snapshot
 
 __all__ = ["make_app"]
+
+log = logging.getLogger(__name__)
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -37,11 +40,15 @@ async def send_shared(request: web.Request, body: bytes, headers: dict[str, str]
     response = web.StreamResponse(headers=headers)
     response.content_length = len(body)
     await response.prepare(request)
-    if request.method != "HEAD":
-        view = memoryview(body)
-        for start in range(0, len(body), CHUNK):
-            await response.write(view[start:start + CHUNK])
-    await response.write_eof()
+    try:
+        if request.method != "HEAD":
+            view = memoryview(body)
+            for start in range(0, len(body), CHUNK):
+                await response.write(view[start:start + CHUNK])
+        await response.write_eof()
+    except ConnectionError:
+        # The client left, or was cut off by the write timeout: routine, not an error.
+        log.debug("%s %s: the client went away before the response was sent", request.method, request.path)
     return response
 
 
