@@ -225,3 +225,36 @@ def test_demo_workload_prints_progress(pg: PostgresCluster, redis_server: RedisS
     assert m, running[-1]
     assert int(m.group(1)) > 0 and m.group(4) == "0"
     assert "pgcache-exporter demo-workload: finished:" in out.splitlines()[-1]
+
+
+def test_demo_prints_its_url_once_it_answers_there() -> None:
+    import os
+    import re
+    import signal
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "demo", "--web.listen-address", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ),
+    )
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            m = re.search(r"metrics: (http://\S+/metrics)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url == f"http://127.0.0.1:{port}/metrics"
+        # Printed means listening: the very next request is answered.
+        with urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=5) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
