@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,13 +22,19 @@ log = logging.getLogger("exporter")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """Flags accepted both before and after the subcommand (SUPPRESS keeps the outer value)."""
+def _common(parser: argparse.ArgumentParser, *, suppress: bool, reports: bool = False) -> None:
+    """Flags accepted both before and after the subcommand (SUPPRESS keeps the outer value);
+    `reports`: only those the report commands use (a config, a PostgreSQL target, the log level)."""
     d = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config.file", dest="config_file", metavar="FILE", default=d,
                         help="YAML config file (env PGCACHE_CONFIG_FILE)")
     parser.add_argument("--postgres-dsn", dest="postgres_dsn", action="append", metavar="[NAME=]DSN",
-                        default=d, help="PostgreSQL target; repeatable; overrides the file (env PGCACHE_POSTGRES_DSN)")
+                        default=d, help="PostgreSQL target; repeatable; overrides the file (env PGCACHE_POSTGRES_DSN; "
+                                        "prefer the variable or a file: a flag is visible in ps)")
+    if reports:
+        parser.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warning", "error"],
+                            default=d, help="debug shows the traceback of an unexpected failure")
+        return
     parser.add_argument("--redis-url", dest="redis_url", action="append", metavar="[NAME=]URL",
                         default=d, help="Redis target; repeatable; overrides the file (env PGCACHE_REDIS_URL)")
     parser.add_argument("--web.listen-address", dest="listen_address", metavar="ADDR", default=d,
@@ -39,7 +46,7 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--shard.total", dest="shard_total", metavar="N", default=d,
                         help="number of replicas sharing the targets (env PGCACHE_SHARD_TOTAL)")
     parser.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warning", "error"],
-                        default=d)
+                        default=d, help="debug also shows the traceback of an unexpected failure")
     parser.add_argument("--log.format", dest="log_format", choices=["text", "json"], default=d)
 
 
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--rate", type=float, default=20.0, help="operations per second (default 20)")
     from .reports.cli import add_commands
 
-    p.set_defaults(extra_handlers=add_commands(sub, lambda q: _common(q, suppress=True)))
+    p.set_defaults(extra_handlers=add_commands(sub, lambda q: _common(q, suppress=True, reports=True)))
     return p
 
 
@@ -89,12 +96,16 @@ def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
     return load
 
 
-def _fail_config(e: ConfigError) -> int:
-    print(f"pgcache-exporter: configuration error:\n{e}", file=sys.stderr)
+def _fail_config(e: ConfigError, prefix: str = "pgcache-exporter: ") -> int:
+    """One line per problem, each naming its key; exit code 2."""
+    for line in str(e).splitlines() or [str(e)]:
+        print(f"{prefix}{line}", file=sys.stderr)
     return EXIT_CONFIG
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate everything that can be known without connecting: keys, types, durations, every
+    DSN and URL in full, every ${VAR}, the secret files and the web config file."""
     from .webconfig import load_web_config
 
     try:
@@ -102,9 +113,46 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if config.web.config_file is not None:
             load_web_config(config.web.config_file)
     except ConfigError as e:
-        return _fail_config(e)
+        return _fail_config(ConfigError("\n".join(_every_problem(args.file, e))), prefix=f"{args.file}: ")
     print(f"{args.file}: OK ({len(config.postgres)} PostgreSQL and {len(config.redis)} Redis target(s))")
     return EXIT_OK
+
+
+_UNSET_RE = re.compile(r"^(.*): environment variable (\w+) is not set$")
+
+
+def _every_problem(path: str, error: ConfigError) -> list[str]:
+    """The unset variables, and what else is wrong in the file: validated again with each unset
+    variable empty, minus what that emptiness itself causes under the keys that use one."""
+    lines = str(error).splitlines()
+    unset = [m for m in map(_UNSET_RE.match, lines) if m]
+    if not unset or len(unset) != len(lines):
+        return lines
+    env = {**os.environ, **{m.group(2): "" for m in unset}}
+    keys = {m.group(1) for m in unset}
+    try:
+        load_config(path, env=env)
+    except ConfigError as again:
+        for line in str(again).splitlines():
+            key = line.split(": ", 1)[0]
+            if not any(key == k or key.startswith((k + ".", k + "[")) or k.startswith((key + ".", key + "["))
+                       for k in keys):
+                lines.append(line)
+    return lines
+
+
+def _once_config(config: Config) -> Config:
+    """`once` runs every collector of a target at the same time: give each its own connection,
+    so none waits on the pool (and for the pool timeout when the server is down)."""
+    from .definitions import builtin_definitions
+
+    enabled = sum(1 for d in builtin_definitions() if config.collectors.settings(d.name).enabled)
+    enabled += sum(1 for q in config.queries if q.enabled)
+    targets = tuple(
+        t.model_copy(update={"max_connections": max(t.max_connections, min(10, enabled))})
+        for t in config.postgres
+    )
+    return config.model_copy(update={"postgres": targets})
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -117,18 +165,26 @@ def cmd_once(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _fail_config(e)
     setup_logging(config.log.level, config.log.format)
+    if config.log.level != "debug":
+        # Each failure is summed up once below; the scheduler's per-run warning would repeat it.
+        logging.getLogger("exporter.scheduler").setLevel(logging.ERROR)
     snapshot = Snapshot()
     try:
-        ok = asyncio.run(collect_once(config, snapshot))
+        ok = asyncio.run(collect_once(_once_config(config), snapshot))
     except ConfigError as e:
         return _fail_config(e)
     out = snapshot.openmetrics() if args.format == "openmetrics" else snapshot.text()
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
     if not ok:
+        # One line per distinct error, with the collectors that hit it.
+        failed: dict[str, list[str]] = {}
         for st in snapshot.status.values():
             if not st.success:
-                print(f"pgcache-exporter: {st.last_error}", file=sys.stderr)
+                failed.setdefault(st.last_error or "failed", []).append(st.collector)
+        for error, collectors in failed.items():
+            which = "collector" if len(collectors) == 1 else "collectors"
+            print(f"pgcache-exporter: {error} ({which} {', '.join(collectors)})", file=sys.stderr)
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -174,6 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[command](args)
     except KeyboardInterrupt:
         return EXIT_OK
+    except Exception as e:
+        # A failure nobody anticipated: one line; the traceback only when asked for.
+        if getattr(args, "log_level", None) == "debug":
+            raise
+        from .logs import redactor
+
+        detail = redactor(str(e).strip().splitlines()[0] if str(e).strip() else "")
+        print(f"pgcache-exporter {command}: unexpected {type(e).__name__}"
+              f"{': ' + detail if detail else ''} (--log.level debug shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .definitions import Definition, builtin_definitions
+from .dsn import dsn_problems, redis_url_problems
+from .dsn import target_name as bare_target_name
 from .errors import ConfigError
 from .units import NAME_RE, Duration, Regex, Size, parse_duration, parse_size
 from .units import Model as _Model
@@ -48,6 +50,20 @@ __all__ = [
 class WebConfig(_Model):
     listen_address: str = ":19187"
     config_file: Path | None = None
+    # Slow and stalled clients (see exporter/httpserver.py): a request header must arrive within
+    # header_timeout; a kept-alive connection may idle for idle_timeout; a response the client
+    # stops reading is aborted after write_timeout; at most max_connections are open at once.
+    header_timeout: Duration = 10.0
+    idle_timeout: Duration = 75.0
+    write_timeout: Duration = 30.0
+    max_connections: int = Field(default=512, ge=1, le=1_000_000)
+
+    @field_validator("header_timeout", "idle_timeout", "write_timeout")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise PydanticCustomError("duration", "must be more than 0 (write e.g. 10s)")
+        return v
 
     @field_validator("listen_address")
     @classmethod
@@ -115,12 +131,12 @@ class PostgresTargetConfig(_Model):
 
 
 def check_dsn(dsn: str) -> None:
-    scheme = urlsplit(dsn).scheme if "://" in dsn else ""
-    if scheme not in ("postgres", "postgresql"):
-        # The value may hold a password: never echo it.
-        raise PydanticCustomError(
-            "dsn", "not a PostgreSQL URL (expected postgresql://user:password@host:port/dbname)"
-        )
+    """Everything that can be known about a PostgreSQL URL without connecting; every problem is
+    one line of the error (the key path is added by _format_errors). Nothing from the value is
+    echoed: a mis-split URL can put part of the password where the host or port should be."""
+    problems = dsn_problems(dsn)
+    if problems:
+        raise PydanticCustomError("dsn", "\n".join(problems))
 
 
 class RedisTargetConfig(_Model):
@@ -149,8 +165,11 @@ class RedisTargetConfig(_Model):
 
 
 def check_redis_url(url: str) -> None:
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise PydanticCustomError("url", "not a Redis URL (expected redis://[:password@]host:port/db)")
+    """Everything that can be known about a Redis URL without connecting (one line per problem;
+    nothing from the value is echoed)."""
+    problems = redis_url_problems(url)
+    if problems:
+        raise PydanticCustomError("url", "\n".join(problems))
 
 
 class CollectorSettings(_Model):
@@ -396,20 +415,31 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _expand(node: Any, env: Mapping[str, str], path: str) -> Any:
-    if isinstance(node, str):
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
-        return _VAR_RE.sub(sub, node)
-    if isinstance(node, dict):
-        return {k: _expand(v, env, _join(path, k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_expand(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
-    return node
+    """${VAR} and ${VAR:-default} in every string of the document; every unset variable is
+    reported in one error, each with its key path."""
+    missing: list[str] = []
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, str):
+            def sub(m: re.Match[str]) -> str:
+                name, default = m.group(1), m.group(2)
+                if name in env:
+                    return env[name]
+                if default is not None:
+                    return default
+                missing.append(f"{path or '<root>'}: environment variable {name} is not set")
+                return ""
+            return _VAR_RE.sub(sub, node)
+        if isinstance(node, dict):
+            return {k: walk(v, _join(path, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    out = walk(node, path)
+    if missing:
+        raise ConfigError("\n".join(missing))
+    return out
 
 
 def _join(path: str, key: object) -> str:
@@ -454,7 +484,9 @@ def _format_errors(err: ValidationError) -> str:
         elif kind == "literal_error":
             msg = msg.replace("Input should be", "must be one of")
         # include_input=False above: a rejected DSN or URL (which may hold a password) is never shown.
-        lines.append(f"{path}: {msg}" if path else msg)
+        # A check that found several problems (check_dsn) gives one line each, each with the path.
+        for line in msg.splitlines() or [msg]:
+            lines.append(f"{path}: {line}" if path else line)
     return "\n".join(lines)
 
 
@@ -554,18 +586,10 @@ def split_target_flag(value: str) -> tuple[str | None, str]:
 
 
 def _target_from_flag(value: str, key: str, index: int) -> dict[str, Any]:
-    """`NAME=URL` or a bare URL; a bare URL is named after its host and port (never its password)."""
+    """`NAME=URL` or a bare URL; a bare URL is named after its host, port and database (never its
+    password), so two databases on one server get two names: `db1:5432/app`, `cache:6379/1`
+    (Redis's default database 0 adds nothing: `cache:6379`)."""
     name, value = split_target_flag(value)
     if name is not None:
         return {"name": name, key: value}
-    try:
-        u = urlsplit(value)
-        host = u.hostname or "localhost"
-        port = u.port
-    except ValueError:
-        host, port = f"target{index}", None
-    label = f"{host}:{port}" if port else host
-    if key == "dsn":
-        db = urlsplit(value).path.lstrip("/") if "://" in value else ""
-        label = f"{label}/{db}" if db else label
-    return {"name": label[:64], key: value}
+    return {"name": bare_target_name(value, key, index), key: value}

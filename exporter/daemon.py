@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -17,6 +18,7 @@ from .collector import Collector
 from .config import CollectorSettings, Config, split_listen_address
 from .definitions import Definition, builtin_definitions
 from .errors import ConfigError
+from .httpserver import ConnectionGuard, GuardedSite, HttpLimits, connection_cap
 from .logs import redactor, setup_logging
 from .postgres.activity import ActivityCollector
 from .postgres.engine import PostgresTarget
@@ -155,22 +157,46 @@ class Daemon:
         # The HTTP loop asks for the interpreter several times per scrape; with collection busy in
         # other threads, a shorter switch interval (default 5 ms) keeps each wait short.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self._collection.start()
-        await self._collection.run(self._apply(self.config))
+        web_cfg = self.config.web
+        cap, lowered = connection_cap(web_cfg.max_connections)
+        if lowered:
+            log.warning("%s", lowered)
+        self.http_guard = ConnectionGuard(HttpLimits(
+            header_timeout=web_cfg.header_timeout, idle_timeout=web_cfg.idle_timeout,
+            write_timeout=web_cfg.write_timeout, max_connections=cap,
+        ))
         app = make_app(
-            self.snapshot, lambda: target_kinds(self.config), [self.security.middleware]
+            self.snapshot, lambda: target_kinds(self.config),
+            [self.http_guard.middleware, self.security.middleware],
         )
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=web_cfg.idle_timeout
+        )
         await self._runner.setup()
-        host, port = split_listen_address(self.config.web.listen_address)
-        site = web.TCPSite(self._runner, host, port, ssl_context=self.security.ssl_context)
+        host, port = split_listen_address(web_cfg.listen_address)
+        site = GuardedSite(self._runner, host, port, self.http_guard,
+                           ssl_context=self.security.ssl_context)
         try:
-            await site.start()
+            # The port first: when it is taken, nothing else has started (no connections to the
+            # targets, no log lines besides the one error).
+            site.bind()
         except OSError as e:
-            await self.stop()
+            await self._runner.cleanup()
+            self._runner = None
+            # One line, exit code 2 (ConfigError): the usual cause is another process on the port.
+            reason = e.strerror or str(e)
+            hint = " (is another exporter running? choose another port with --web.listen-address)" \
+                if e.errno == errno.EADDRINUSE else ""
             raise ConfigError(
-                f"web.listen_address: cannot listen on {self.config.web.listen_address}: {e.strerror}"
+                f"web.listen_address: cannot listen on {web_cfg.listen_address}: {reason}{hint}"
             ) from None
+        try:
+            self._collection.start()
+            await self._collection.run(self._apply(self.config))
+        except BaseException:
+            site.unbind()
+            raise
+        await site.start()
         sockets = [s for s in (self._runner.addresses or [])]
         if sockets:
             self.bound = (str(sockets[0][0]), int(sockets[0][1]))

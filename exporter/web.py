@@ -1,8 +1,14 @@
-"""HTTP: /metrics (ready bytes), / (landing page with every collector's state), /healthz, /ready."""
+"""HTTP: /metrics (ready bytes), / (landing page with every collector's state), /healthz, /ready.
+
+A scrape hands out the snapshot's rendered bytes: every client gets a view of the same immutable
+object, written in 64 KiB chunks with a wait for the socket after every 64 KiB (see httpserver.py),
+so many slow clients never multiply the exposition in memory.
+"""
 
 from __future__ import annotations
 
 import html
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -14,6 +20,8 @@ from .snapshot import Snapshot
 
 __all__ = ["make_app"]
 
+log = logging.getLogger(__name__)
+
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -22,15 +30,37 @@ TargetsFn = Callable[[], list[tuple[str, str]]]
 TARGETS_KEY: web.AppKey[TargetsFn] = web.AppKey("targets")
 
 
-async def metrics(request: web.Request) -> web.Response:
+CHUNK = 64 * 1024
+
+
+async def send_shared(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """Send `body` (shared by every client, never copied whole) in chunks; aiohttp drains after
+    every 64 KiB, and with the connection's high-water mark at 0 that means until the kernel has
+    taken every byte."""
+    response = web.StreamResponse(headers=headers)
+    response.content_length = len(body)
+    await response.prepare(request)
+    try:
+        if request.method != "HEAD":
+            view = memoryview(body)
+            for start in range(0, len(body), CHUNK):
+                await response.write(view[start:start + CHUNK])
+        await response.write_eof()
+    except ConnectionError:
+        # The client left, or was cut off by the write timeout: routine, not an error.
+        log.debug("%s %s: the client went away before the response was sent", request.method, request.path)
+    return response
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
     snap = request.app[SNAPSHOT_KEY]
     if "application/openmetrics-text" in request.headers.get("Accept", ""):
-        return web.Response(body=snap.openmetrics(), headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
+        return await send_shared(request, snap.openmetrics(), {"Content-Type": OPENMETRICS_CONTENT_TYPE})
     headers = {"Content-Type": TEXT_CONTENT_TYPE}
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         headers["Content-Encoding"] = "gzip"
-        return web.Response(body=snap.served(gzipped=True), headers=headers)
-    return web.Response(body=snap.served(gzipped=False), headers=headers)
+        return await send_shared(request, snap.served(gzipped=True), headers)
+    return await send_shared(request, snap.served(gzipped=False), headers)
 
 
 async def healthz(request: web.Request) -> web.Response:

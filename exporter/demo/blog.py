@@ -362,12 +362,12 @@ class CachedUserRepository:
 
 async def run_workload(
     engine: AsyncEngine, cache: CachingService, *, stop: asyncio.Event, rate: float = 20.0,
-    seed: int | None = None,
+    seed: int | None = None, done: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """A steady mix until ``stop`` is set: ~70% cached reads (user stats, popular posts), ~10%
     uncached reads (newest posts, user search, topic search; together with the cached loads they
     use each of the seed's five indexes), ~15% writes that invalidate, ~5% a slow query. Returns
-    how many of each ran."""
+    how many of each ran (kept up to date in ``done`` if given, so a caller can report progress)."""
     rnd = random.Random(seed)
     repo = CachedUserRepository(async_sessionmaker(engine, expire_on_commit=False), cache)
     async with engine.connect() as conn:
@@ -375,7 +375,7 @@ async def run_workload(
         post_ids = list((await conn.execute(select(Post.id).limit(5000))).scalars())
     if not user_ids or not post_ids:
         raise RuntimeError("the blog has no data: call seed_data(engine) first")
-    done: dict[str, int] = {}
+    done = {} if done is None else done
     ops = ["user_stats", "popular", "recent", "user_search", "tag_search", "like", "new_post", "slow"]
     weights = [50, 15, 3, 3, 4, 12, 3, 5]
     interval = 1.0 / rate
@@ -415,6 +415,7 @@ async def run_workload(
 
 async def run_demo_workload(
     dsn: str, redis_url: str, stop: asyncio.Event, *, rate: float = 20.0, stats_key: str = "pgcache:stats",
+    done: dict[str, int] | None = None,
 ) -> None:
     """What `pgcache-exporter demo` runs beside the daemon: schema, data (once), then the workload."""
     engine = create_async_engine(asyncpg_url(dsn), pool_size=5)
@@ -425,6 +426,6 @@ async def run_demo_workload(
         if empty:
             await seed_data(engine)
         async with CachingService(redis_url, stats_key=stats_key, instance="demo") as cache:
-            await run_workload(engine, cache, stop=stop, rate=rate)
+            await run_workload(engine, cache, stop=stop, rate=rate, done=done)
     finally:
         await engine.dispose()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,19 +68,30 @@ def run_demo(
         args.listen_address = args.listen_address or "127.0.0.1:19187"
         load = config_loader(args)
 
+        async def announce(daemon: Daemon) -> None:
+            # Only once the port is ours: a URL printed before could be another process's.
+            while daemon.bound is None:  # noqa: ASYNC110 - the daemon sets no event when it binds
+                await asyncio.sleep(0.05)
+            host, port = daemon.bound
+            host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            host = f"[{host}]" if ":" in host else host
+            print(
+                f"pgcache-exporter demo: started\n  {pg.describe()} at {pg.dsn}\n"
+                f"  {redis.describe()} at {redis.url}\n"
+                f"  metrics: http://{host}:{port}/metrics\n"
+                "  the blog workload runs through the cache; Ctrl-C stops and removes everything.",
+                flush=True,
+            )
+
         async def main() -> None:
             daemon = Daemon(load)
             stop = asyncio.Event()
             workload = asyncio.create_task(run_demo_workload(pg.dsn, redis.url, stop))
-            print(
-                f"pgcache-exporter demo: started\n  {pg.describe()} at {pg.dsn}\n  {redis.describe()} at {redis.url}\n"
-                f"  metrics: http://{args.listen_address.replace('0.0.0.0', '127.0.0.1')}/metrics\n"
-                "  the blog workload runs through the cache; Ctrl-C stops and removes everything.",
-                flush=True,
-            )
+            announcer = asyncio.create_task(announce(daemon))
             try:
                 await daemon.serve()
             finally:
+                announcer.cancel()
                 await _stop_workload(workload, stop)
 
         try:
@@ -108,7 +120,35 @@ def run_workload_only(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         _, dsn = split_target_flag(args.postgres_dsn[0])
         _, url = split_target_flag(args.redis_url[0])
-        await run_demo_workload(dsn, url, stop, rate=args.rate)
+        done: dict[str, int] = {}
+        started = time.monotonic()
+        reporter = asyncio.create_task(_report_progress(done, stop, started, PROGRESS_EVERY))
+        try:
+            await run_demo_workload(dsn, url, stop, rate=args.rate, done=done)
+        finally:
+            reporter.cancel()
+            print(_progress_line(done, time.monotonic() - started, final=True), flush=True)
 
     asyncio.run(main())
     return 0
+
+
+PROGRESS_EVERY = 5.0
+
+
+def _progress_line(done: dict[str, int], elapsed: float, *, final: bool = False) -> str:
+    failed = done.get("failed", 0)
+    ops = sum(n for op, n in done.items() if op != "failed")
+    rate = ops / elapsed if elapsed > 0 else 0.0
+    word = "finished" if final else "running"
+    return (f"pgcache-exporter demo-workload: {word}: {ops} operations in {elapsed:.0f}s "
+            f"({rate:.1f}/s), {failed} errors")
+
+
+async def _report_progress(done: dict[str, int], stop: asyncio.Event, started: float, every: float) -> None:
+    """A line every few seconds: operations done, the rate since start, errors."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except TimeoutError:
+            print(_progress_line(done, time.monotonic() - started), flush=True)

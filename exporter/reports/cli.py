@@ -28,7 +28,7 @@ from .render import format_age, format_bytes, to_json
 from .slow_queries import slow_queries, slow_queries_table
 from .statement import StatementError, parse_params, read_statement
 from .tables import table_sizes, table_sizes_table
-from .targets import ReportInputError, choose_target
+from .targets import ReportInputError, choose_target, is_privilege_error, privilege_hint
 
 __all__ = ["add_commands"]
 
@@ -115,12 +115,14 @@ def _run(args: argparse.Namespace, body: Body) -> int:
 
     try:
         out = asyncio.run(main())
-    except (ReportInputError, StatementError) as e:
+    except (ReportInputError, StatementError, CollectError) as e:
+        # A privilege the role lacks is the server's answer, not a usage error: exit 1, with
+        # what to grant.
+        if is_privilege_error(e):
+            print(f"pgcache-exporter: {e}\n{privilege_hint(args, target_cfg)}", file=sys.stderr)
+            return EXIT_FAILED
         print(f"pgcache-exporter: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    except CollectError as e:
-        print(f"pgcache-exporter: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILED if isinstance(e, CollectError) else EXIT_INPUT
     sys.stdout.write(out)
     sys.stdout.flush()
     return EXIT_OK

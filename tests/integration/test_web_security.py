@@ -130,3 +130,48 @@ async def test_web_config_reload_valid_and_invalid(pg: PostgresCluster, certs: P
         wc.write_text("basic_auth_users:\n  prometheus: not-a-hash\n")
         assert await d.reload() is False  # rejected: the rotated password still works
         assert await get(url(d, "/healthz"), None, basic("prometheus", "rotated")) == 200
+
+
+async def test_stalled_tls_handshake_and_partial_request_are_closed_by_header_timeout(
+    pg: PostgresCluster, certs: Path
+) -> None:
+    """A client that connects to the TLS port and never says hello, or finishes the handshake
+    and never finishes its request, is closed after web.header_timeout; scrapes go on."""
+    import asyncio
+    import time
+
+    wc = web_config(certs, "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
+    cfg = daemon_config(pg, wc)
+    cfg["web"] = {**cfg["web"], "header_timeout": "1s"}
+    async with running_daemon(cfg) as d:
+        host, port = d.bound  # type: ignore[misc]
+        silent_r, silent_w = await asyncio.open_connection(host, port)  # no ClientHello
+        tls_r, tls_w = await asyncio.open_connection(host, port, ssl=client_ssl(certs),
+                                                     server_hostname="127.0.0.1")
+        tls_w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        started = time.monotonic()
+        https = url(d, "/healthz").replace("http://", "https://")
+        assert await get(https, client_ssl(certs)) == 200
+        assert await asyncio.wait_for(silent_r.read(), timeout=5) == b""
+        assert await asyncio.wait_for(tls_r.read(), timeout=5) == b""
+        assert time.monotonic() - started < 3
+        for w in (silent_w, tls_w):
+            w.close()
+
+
+async def test_head_and_gzip_and_openmetrics_metrics(pg: PostgresCluster) -> None:
+    """/metrics is written in chunks from shared bytes: every variant is whole and well-formed."""
+    import gzip
+
+    cfg = {"postgres": [{"name": "main", "dsn": pg.dsn}], "collectors": {**fast_collectors(), **OFF}}
+    async with running_daemon(cfg) as d, aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.get(url(d), headers={"Accept-Encoding": "identity"}) as r:
+            plain = await r.read()
+            assert r.headers["Content-Length"] == str(len(plain))
+        async with s.get(url(d), headers={"Accept-Encoding": "gzip"}) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(await r.read()).startswith(b"# HELP")
+        async with s.get(url(d), headers={"Accept": "application/openmetrics-text"}) as r:
+            assert (await r.read()).endswith(b"# EOF\n")
+        async with s.head(url(d)) as r:
+            assert r.status == 200 and await r.read() == b""
