@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from metrics_text import samples, types, value
 
-from collectors.collector_harness import builtin, collect, create_monitor_role, promtool_check_metrics, target_for
+from collectors.collector_harness import (
+    builtin,
+    collect,
+    create_monitor_role,
+    promtool_check_metrics,
+    target_for,
+)
 from exporter.demo.servers import PostgresCluster
 
 

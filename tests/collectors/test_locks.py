@@ -8,7 +8,13 @@ import asyncio
 import asyncpg
 from metrics_text import types, value
 
-from collectors.collector_harness import builtin, collect, create_monitor_role, promtool_check_metrics, target_for
+from collectors.collector_harness import (
+    builtin,
+    collect,
+    create_monitor_role,
+    promtool_check_metrics,
+    target_for,
+)
 from exporter.demo.servers import PostgresCluster
 
 

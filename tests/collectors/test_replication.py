@@ -5,6 +5,7 @@ physical slot without a consumer retains more and more WAL. Read under pg_monito
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -61,7 +62,7 @@ async def test_standby_lag_rises_while_paused_and_returns_to_zero(
     wait_until(standby, CAUGHT_UP)
 
     # Idle primary: no lag on either side, however long it has been since the last commit.
-    time.sleep(1.5)
+    await asyncio.sleep(1.5)
     on_standby = await scrape(standby, "replication")
     promtool_check_metrics(promtool, on_standby.encode())
     assert value(on_standby, "pgcache_in_recovery") == 1
@@ -93,7 +94,7 @@ async def test_standby_lag_rises_while_paused_and_returns_to_zero(
     assert seconds1 is not None and seconds1 > 0
     tick(primary, 2000)
     wait_until(primary, "SELECT bool_and(flush_lsn = pg_current_wal_lsn()) FROM pg_stat_replication")
-    time.sleep(0.5)
+    await asyncio.sleep(0.5)
     second = await scrape(standby, "replication")
     lag2 = value(second, "pgcache_standby_replay_lag_bytes")
     seconds2 = value(second, "pgcache_standby_replay_lag_seconds")

@@ -3,12 +3,19 @@ time; XID age and the fractions towards wraparound per database, moving as XIDs 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from metrics_text import value
 
-from collectors.collector_harness import builtin, collect, create_monitor_role, promtool_check_metrics, target_for
+from collectors.collector_harness import (
+    builtin,
+    collect,
+    create_monitor_role,
+    promtool_check_metrics,
+    target_for,
+)
 from exporter.demo.servers import PostgresCluster
 
 
@@ -19,7 +26,7 @@ async def test_settings_and_pending_restart(cluster: PostgresCluster, promtool: 
             got = (await collect(builtin(t, "server"))).text
             pg.psql("ALTER SYSTEM SET shared_buffers = '32MB'")
             pg.psql("SELECT pg_reload_conf()")
-            time.sleep(0.5)
+            await asyncio.sleep(0.5)
             pending = (await collect(builtin(t, "server"))).text
     promtool_check_metrics(promtool, got.encode())
     assert value(got, "pgcache_settings_pending_restart") == 0
