@@ -19,9 +19,10 @@ def allow_replication(primary: PostgresCluster) -> None:
 class StandbyCluster(PostgresCluster):
     """`with StandbyCluster(primary) as standby:` a hot standby streaming from `primary`."""
 
-    def __init__(self, primary: PostgresCluster) -> None:
+    def __init__(self, primary: PostgresCluster, slot: str | None = None) -> None:
         super().__init__(bindir=primary.bindir)
         self.primary = primary
+        self.slot = slot  # a physical slot on the primary, created by pg_basebackup -C
 
     def init(self) -> StandbyCluster:
         self.sockdir.mkdir(parents=True)
@@ -32,7 +33,7 @@ class StandbyCluster(PostgresCluster):
         r = self._run([
             str(self.bindir / "pg_basebackup"), "-D", str(self.datadir), "-R", "-X", "stream",
             "-h", str(self.primary.sockdir), "-p", str(self.primary.port), "-U", self.superuser,
-            "--no-sync", "-c", "fast",
+            "--no-sync", "-c", "fast", *(["-C", "-S", self.slot] if self.slot else []),
         ])
         if r.returncode != 0:
             raise RuntimeError(f"pg_basebackup failed: {r.stderr.strip()}")
