@@ -24,6 +24,7 @@ import pytest
 from collectors.collector_harness import wait_until
 from collectors.standby import StandbyCluster, allow_replication
 from daemon_harness import fast_collectors, fetch, running_daemon, wait_for
+from metrics_text import promtool_check_metrics
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_harness import Prometheus, prometheus_ready, prometheus_server
 from sqlalchemy import text
@@ -180,7 +181,8 @@ def check_exposition(body: str, pg_major: int) -> None:
 
 
 async def test_dashboards_and_alerts_against_a_real_prometheus(
-    pg_autovacuum: PostgresCluster, replica: PostgresCluster, redis_private: RedisServer, tmp_path: Path
+    pg_autovacuum: PostgresCluster, replica: PostgresCluster, redis_private: RedisServer, tmp_path: Path,
+    promtool: str,
 ) -> None:
     started = time.monotonic()
     pg, redis = pg_autovacuum, redis_private
@@ -294,6 +296,7 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(
                         assert status == 200
                         try:
                             check_exposition(body, pg.major)
+                            promtool_check_metrics(promtool, body.encode())
                         except AssertionError as e:
                             problem = str(e)
                             return False
