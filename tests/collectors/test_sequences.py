@@ -62,3 +62,23 @@ async def test_a_sequence_at_80_percent_is_exported(cluster: PostgresCluster, se
     assert value(stricter.text, "pgcache_sequence_used_ratio", sequencename="nearly_out", **at) is None
     assert value(stricter.text, "pgcache_sequence_used_ratio", sequencename="counting_down", **at) is not None
     assert stricter.result.dropped == 4
+
+
+async def test_a_user_query_gets_its_settings_defaults_as_parameters(cluster: PostgresCluster) -> None:
+    """README: a user query's declared settings reach its SQL ($1, ...) with their defaults."""
+    from exporter.config import CollectorSettings
+    from exporter.definitions import Definition
+    from exporter.postgres.queries import DefinitionCollector
+
+    d = Definition.model_validate({
+        "name": "knob_probe", "settings": {"factor": {"default": 7, "help": "A factor."}},
+        "sql": "SELECT g::text AS g, g * $1::int AS v, g >= 2 AS big FROM generate_series(1, 3) g",
+        "params": ["factor"], "keep": "big", "labels": ["g"],
+        "metrics": [{"column": "v", "name": "pgcache_knob_probe", "type": "gauge", "help": "g times factor."}],
+    })
+    async with target_for(cluster.dsn) as t:
+        got = await collect(DefinitionCollector(t, CollectorSettings(interval=60, timeout=10), d))
+    assert value(got.text, "pgcache_knob_probe", g="2") == 14
+    assert value(got.text, "pgcache_knob_probe", g="3") == 21
+    assert value(got.text, "pgcache_knob_probe", g="1") is None
+    assert got.result.dropped == 1
