@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from metrics_text import types, value
 
-from collectors.collector_harness import builtin, collect, promtool_check_metrics, target_for, wait_until
+from collectors.collector_harness import (
+    builtin,
+    collect,
+    promtool_check_metrics,
+    target_for,
+    wait_until,
+)
 from exporter.demo.servers import PostgresCluster
 
 COUNTERS = ["pgcache_checkpoints_timed", "pgcache_checkpoints_requested",
