@@ -254,6 +254,11 @@ def settings_class(defn: Definition) -> type[CollectorSettings]:
     }
     if defn.limit is not None:
         fields["limit"] = (int, Field(default=defn.limit.default, ge=1, le=1_000_000))
+    for key, s in defn.settings.items():
+        kind = bool if isinstance(s.default, bool) else type(s.default)
+        if kind is int and (isinstance(s.minimum, float) or isinstance(s.maximum, float)):
+            kind = float
+        fields[key] = (kind, Field(default=s.default, ge=s.minimum, le=s.maximum, description=s.help))
     cls: type[CollectorSettings] = create_model(  # type: ignore[call-overload]
         f"{defn.name.title().replace('_', '')}Settings", __base__=CollectorSettings, **fields
     )

@@ -33,6 +33,7 @@ __all__ = [
     "Definition",
     "MetricColumn",
     "Query",
+    "Setting",
     "SqlVariant",
     "builtin_definitions",
     "definition",
@@ -166,12 +167,42 @@ class Limit(Model):
     default: int = Field(ge=1)
 
 
+class Setting(Model):
+    """A knob of the collector: `collectors.<name>.<key>` in the config, with this default, and
+    passed to the queries that list it in `params` (as $1, $2, ... in that order)."""
+
+    default: float | int | bool | str
+    help: str = Field(min_length=1)
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Setting:
+        numeric = isinstance(self.default, int | float) and not isinstance(self.default, bool)
+        if (self.minimum is not None or self.maximum is not None) and not numeric:
+            raise PydanticCustomError("setting", "minimum and maximum are for numeric settings")
+        if numeric and not (
+            (self.minimum is None or self.default >= self.minimum)  # type: ignore[operator]
+            and (self.maximum is None or self.default <= self.maximum)  # type: ignore[operator]
+        ):
+            raise PydanticCustomError("setting", f"default {self.default!r} is outside minimum..maximum")
+        return self
+
+
+SETTINGS_TAKEN = {"enabled", "interval", "timeout", "limit"}
+
+
 class Query(Model):
     name: str = "main"
     sql: tuple[SqlVariant, ...]
     labels: tuple[str, ...] = ()
     metrics: tuple[MetricColumn, ...] = ()
     limit: Limit | None = None
+    # Settings passed to the SQL as $1, $2, ... in this order.
+    params: tuple[str, ...] = ()
+    # A boolean column: rows where it is not true are not exported (aggregates still count them)
+    # and their series are counted in pgcache_series_dropped_total.
+    keep: str | None = None
     # A label naming a database in a cluster-wide query: rows of databases outside the
     # target's `databases` selection are left out.
     database_label: str | None = None
@@ -215,13 +246,15 @@ class Definition(Model):
     databases: tuple[Regex, ...] = ()  # regexes on datname, within the target's selection
     queries: tuple[Query, ...] = ()
     families: tuple[FamilyDeclaration, ...] = ()
+    settings: dict[str, Setting] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _flat(cls, data: Any) -> Any:
         if isinstance(data, dict) and "sql" in data:
             data = dict(data)
-            query = {k: data.pop(k) for k in ("sql", "labels", "metrics", "limit", "database_label", "every")
+            query = {k: data.pop(k) for k in ("sql", "labels", "metrics", "limit", "database_label",
+                                              "every", "params", "keep")
                      if k in data}
             if "queries" in data:
                 raise PydanticCustomError("queries", "give either sql (one query) or queries, not both")
@@ -239,6 +272,11 @@ class Definition(Model):
         if not self.queries and not self.families:
             raise PydanticCustomError("queries", "a collector needs sql (or queries)")
         fixed = {"target"} | ({"datname"} if self.scope == "database" else set())
+        for key in self.settings:
+            if key in SETTINGS_TAKEN or not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+                raise PydanticCustomError(
+                    "settings", f"setting {key!r}: use a lower-case name other than {sorted(SETTINGS_TAKEN)}"
+                )
         names: set[str] = set()
         for q in self.queries:
             for label in q.labels + tuple(x for m in q.metrics for x in m.labels):
@@ -255,6 +293,13 @@ class Definition(Model):
                 raise PydanticCustomError(
                     "database_label", f"query {q.name}: database_label {q.database_label!r} is not one of its labels"
                 )
+            for p in q.params:
+                if p not in self.settings:
+                    raise PydanticCustomError(
+                        "params", f"query {q.name}: parameter {p!r} is not one of the collector's settings"
+                    )
+            if q.keep is not None and q.keep in q.labels:
+                raise PydanticCustomError("keep", f"query {q.name}: keep column {q.keep!r} is a label")
             for m in q.metrics:
                 if m.name in names:
                     raise PydanticCustomError("metrics", f"metric {m.name} is defined twice in collector {self.name}")

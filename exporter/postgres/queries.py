@@ -111,6 +111,8 @@ def render_rows(
     wanted = label_names + [c for m in metrics for c in (m.column, *m.labels)]
     if query.limit is not None and limit is not None:
         wanted.append(query.limit.by)
+    if query.keep is not None:
+        wanted.append(query.keep)
     missing = [c for c in dict.fromkeys(wanted) if c not in index]
     if missing:
         raise QueryError(
@@ -141,10 +143,18 @@ def render_rows(
 
     kept: Sequence[Any] = rows
     dropped = 0
-    if query.limit is not None and limit is not None and len(rows) > limit:
-        kept, cut = _ranked(rows, index[query.limit.by], label_idx, limit)
-        dropped = sum(1 for r in cut for m in plain
-                      if r[index[m.column]] is not None or m.null_as is not None)
+
+    def series(cut: Sequence[Any]) -> int:
+        return sum(1 for r in cut for m in plain
+                   if r[index[m.column]] is not None or m.null_as is not None)
+
+    if query.keep is not None:
+        ki = index[query.keep]
+        kept = [r for r in rows if r[ki] is True]
+        dropped += series([r for r in rows if r[ki] is not True])
+    if query.limit is not None and limit is not None and len(kept) > limit:
+        kept, cut = _ranked(kept, index[query.limit.by], label_idx, limit)
+        dropped += series(cut)
 
     specs = [(fams[m.name], index[m.column], m.scale, m.null_as, [index[x] for x in m.labels], m)
              for m in plain]
@@ -244,6 +254,11 @@ class DefinitionCollector(PostgresCollector):
             keep_database=self.watches, where=self.where(datname), **kw,
         )
 
+    def params(self, query: Query) -> list[Any]:
+        """The query's parameters: `collectors.<name>.<key>`, or the definition's default (user
+        queries, whose settings are not in the config)."""
+        return [getattr(self.settings, p, self.definition.settings[p].default) for p in query.params]
+
     def where(self, datname: str | None) -> str:
         return f"target {self.target}, database {datname or self.pg.default_database}: "
 
@@ -278,7 +293,7 @@ class DefinitionCollector(PostgresCollector):
         if kept is not None and kept[0] < query.every:
             self._kept[key] = (kept[0] + 1, kept[1])
             return kept[1]
-        got = await self.rows(conn, query, exts)
+        got = await self.rows(conn, query, exts, *self.params(query))
         if got is None:
             return None
         out = self.render(query, got[0], got[1], datname)

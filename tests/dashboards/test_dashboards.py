@@ -48,10 +48,10 @@ def variables(b: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v for v in b["templating"]["list"]}
 
 
-def test_the_six_dashboards_exist() -> None:
+def test_the_seven_dashboards_exist() -> None:
     uids = sorted(promql.load(p)["uid"] for p in BOARDS)
     assert uids == sorted(["pgcache-overview", "pgcache-queries", "pgcache-indexes-tables",
-                           "pgcache-cache", "pgcache-exporter", "pgcache-statement"])
+                           "pgcache-cache", "pgcache-exporter", "pgcache-statement", "pgcache-server"])
 
 
 def test_uids_and_titles_are_unique() -> None:

@@ -1,7 +1,8 @@
 """End to end: a real Prometheus (loopback, 1 s scrape and evaluation) scrapes the daemon, which
-watches a throwaway PostgreSQL and Redis running the demo workload. Every dashboard query returns
-data; the unused-index, slow-statement and cache hit-ratio alerts fire (the last one also clears);
-and exposed_metrics.json matches the real /metrics.
+watches a throwaway PostgreSQL (with a streaming standby as a second target, a logical slot, an
+archiver that failed once, a slow vacuum running and a sequence at 80 %) and Redis running the demo
+workload. Every dashboard query returns data; the unused-index, slow-statement, sequence and cache
+hit-ratio alerts fire (the last one also clears); and exposed_metrics.json matches the real /metrics.
 
 The exporter runs with `query_text_length: 0` (no pgcache_statement_info at all), as README
 recommends where statement text is sensitive: the Query performance tables must still list the top
@@ -18,8 +19,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from collectors.collector_harness import wait_until
+from collectors.standby import StandbyCluster, allow_replication
 from daemon_harness import fast_collectors, fetch, running_daemon, wait_for
+from metrics_text import promtool_check_metrics
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_harness import Prometheus, prometheus_ready, prometheus_server
 from sqlalchemy import text
@@ -42,12 +47,55 @@ UNUSED_INDEX = "idx_users_username_lower_unused"  # the demo schema's index nobo
 SLOW_SQL = "SELECT pg_sleep(:pause) /* made slow on purpose */"
 
 
+# What the server-health families need to have samples: logical WAL (a logical slot), archiving
+# (failing first, then working, so both timestamps exist), a bound on what slots may keep
+# (safe_wal_size).
+SERVER_SETTINGS = {"autovacuum_naptime": "1", "wal_level": "logical", "archive_mode": "on",
+                   "archive_command": "'false'", "max_slot_wal_keep_size": "'1GB'"}
+NEARLY_OUT = "e2e_nearly_out"  # a sequence at 80 % of its range: exported, and its alert fires
+
+
 @pytest.fixture
 def pg_autovacuum() -> Iterator[PostgresCluster]:
     """A cluster of the test's own whose autovacuum wakes every second, so the autovacuum and
     autoanalyze timestamps appear within the test."""
-    with PostgresCluster(settings={"autovacuum_naptime": "1"}) as cluster:
+    with PostgresCluster(settings=SERVER_SETTINGS) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def replica(pg_autovacuum: PostgresCluster) -> Iterator[PostgresCluster]:
+    """A streaming standby of the e2e cluster, through a physical slot: the second PostgreSQL
+    target, so the standby families and the replication panels have data."""
+    allow_replication(pg_autovacuum)
+    with StandbyCluster(pg_autovacuum, slot="e2e_standby") as standby:
+        wait_until(pg_autovacuum, "SELECT count(*) = 1 FROM pg_stat_replication WHERE state = 'streaming'", timeout=30)
+        yield standby
+
+
+def prepare_server_health(pg: PostgresCluster) -> None:
+    pg.psql(f"CREATE SEQUENCE {NEARLY_OUT} MAXVALUE 1000; SELECT setval('{NEARLY_OUT}', 800)")
+    pg.psql("SELECT pg_create_logical_replication_slot('e2e_logical', 'pgoutput')")
+    # A table that a slow VACUUM scans page by page (vacuum_progress has a running vacuum).
+    pg.psql("CREATE TABLE e2e_vacuum_probe WITH (autovacuum_enabled = off) AS "
+            "SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 20000) g")
+    # Archiving fails (archive_command 'false'), then works: both timestamps exist.
+    pg.psql("SELECT pg_switch_wal()")
+    wait_until(pg, "SELECT failed_count > 0 FROM pg_stat_archiver", timeout=30)
+    pg.psql("ALTER SYSTEM SET archive_command = 'true'")
+    pg.psql("SELECT pg_reload_conf()")
+    pg.psql("CREATE TABLE e2e_wal AS SELECT 1 AS one")
+    pg.psql("SELECT pg_switch_wal()")
+    wait_until(pg, "SELECT archived_count > 0 FROM pg_stat_archiver", timeout=30)
+
+
+async def slow_vacuum(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET vacuum_cost_delay = '20ms'; SET vacuum_cost_limit = 1")
+        await conn.execute("VACUUM (DISABLE_PAGE_SKIPPING) e2e_vacuum_probe")
+    finally:
+        await conn.close()
 
 
 # -- workload -------------------------------------------------------------------------------------
@@ -90,7 +138,7 @@ async def background(*coros: Awaitable[Any]) -> AsyncIterator[None]:
 def dashboard_variables(uid: str) -> dict[str, str]:
     common = {"datasource": "prometheus", "job": "pgcache-exporter", "datname": "postgres",
               "cache_target": "cache", "namespace": "user_stats", "queryid": ".+"}
-    return {**common, "target": "cache" if uid == "pgcache-cache" else "main"}
+    return {**common, "target": "cache" if uid == "pgcache-cache" else "main|replica"}
 
 
 async def empty_dashboard_queries(p: Prometheus, pg_major: int) -> list[str]:
@@ -135,14 +183,16 @@ def check_exposition(body: str, pg_major: int) -> None:
 
 
 async def test_dashboards_and_alerts_against_a_real_prometheus(
-    pg_autovacuum: PostgresCluster, redis_private: RedisServer, tmp_path: Path
+    pg_autovacuum: PostgresCluster, replica: PostgresCluster, redis_private: RedisServer, tmp_path: Path,
+    promtool: str,
 ) -> None:
     started = time.monotonic()
     pg, redis = pg_autovacuum, redis_private
     engine = create_async_engine(asyncpg_url(pg.dsn), pool_size=10)
     await prepare_database(pg, engine)
+    prepare_server_health(pg)
     config = {
-        "postgres": [{"name": "main", "dsn": pg.dsn}],
+        "postgres": [{"name": "main", "dsn": pg.dsn}, {"name": "replica", "dsn": replica.dsn}],
         "redis": [{"name": "cache", "url": redis.url}],
         "collectors": fast_collectors(indexes={"unused_min_stats_age": "0s", "unused_min_size": "0"},
                                       statements={"query_text_length": 0}),
@@ -182,6 +232,7 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(
                     run_workload(engine, cache, stop=stop, rate=20, seed=5),
                     forever(hot_read, stop, pause=0.2),
                     forever(slow, stop), forever(slow, stop),
+                    forever(lambda: slow_vacuum(pg.dsn), stop),
                     *(forever(miss, stop) for _ in range(4)),
                 ):
                     await prometheus_ready(prom)
@@ -211,9 +262,19 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(
                         if "pgcache_statement_exec_seconds_total" in q.expr:  # total and mean time: it leads
                             assert slow_id in {r["metric"]["queryid"] for r in rows}, (q.where, rows)
 
+                    # The sequence at 80 % of its range is exported and fires (75 %), not the 90 % one.
+                    async def sequence_alert() -> list[dict[str, str]]:
+                        return [a for a in await prom.alerts("PgcacheSequenceNearlyExhausted")
+                                if a["sequencename"] == NEARLY_OUT and a["target"] == "main"]
+
+                    (fired,) = await wait_for(sequence_alert, timeout=30, what="PgcacheSequenceNearlyExhausted firing")
+                    assert fired["datname"] == "postgres" and fired["schemaname"] == "public", fired
+                    assert await prom.alerts("PgcacheSequenceExhaustionCritical") == []
+
                     # The index nobody uses fires.
                     async def unused_alert() -> list[dict[str, str]]:
-                        return [a for a in await prom.alerts("PgcacheUnusedIndex") if a["index"] == UNUSED_INDEX]
+                        return [a for a in await prom.alerts("PgcacheUnusedIndex")
+                                if a["index"] == UNUSED_INDEX and a["target"] == "main"]
 
                     (fired,) = await wait_for(unused_alert, timeout=30, what="PgcacheUnusedIndex firing")
                     assert fired["table"] == "users", fired
@@ -237,6 +298,7 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(
                         assert status == 200
                         try:
                             check_exposition(body, pg.major)
+                            promtool_check_metrics(promtool, body.encode())
                         except AssertionError as e:
                             problem = str(e)
                             return False

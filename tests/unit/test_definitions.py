@@ -130,3 +130,46 @@ def test_one_list_of_collectors() -> None:
         assert cfg.collectors.settings(name).interval == definition(name).interval
     # README's metric tables and exposed_metrics.json are generated from the same list.
     assert catalog_main(["--check"]) == 0, "run: python -m exporter.catalog"
+
+
+KNOBBED = {
+    "name": "big_orders", "scope": "database",
+    "settings": {"min_total": {"default": 100, "minimum": 0, "help": "Orders at least this big."}},
+    "sql": "SELECT id::text AS id, total, total >= $1 AS big FROM orders",
+    "params": ["min_total"], "keep": "big", "labels": ["id"],
+    "metrics": [{"column": "total", "name": "pgcache_app_order_total", "type": "gauge", "help": "Total."},
+                {"column": "total", "name": "pgcache_app_orders_seen", "type": "gauge", "aggregate": "sum",
+                 "help": "Sum of all totals."}],
+}
+
+
+def test_a_setting_becomes_a_collector_key_and_a_parameter() -> None:
+    d = Definition.model_validate(KNOBBED)
+    assert d.queries[0].params == ("min_total",) and d.queries[0].keep == "big"
+    # The built-in sequences collector: collectors.sequences.threshold, default 0.5, bounded 0..1.
+    assert build_config({}).collectors.settings("sequences").threshold == 0.5  # type: ignore[attr-defined]
+    cfg = build_config({"collectors": {"sequences": {"threshold": 0.8}}})
+    assert cfg.collectors.settings("sequences").threshold == 0.8  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"collectors\.sequences\.threshold"):
+        build_config({"collectors": {"sequences": {"threshold": 2}}})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"params": ["nope"]}, "parameter 'nope' is not one of the collector's settings"),
+    ({"settings": {"limit": {"default": 1, "help": "x"}}}, "setting 'limit'"),
+    ({"settings": {"min_total": {"default": 100, "maximum": 10, "help": "x"}}}, "outside minimum..maximum"),
+    ({"keep": "id"}, "keep column 'id' is a label"),
+])
+def test_setting_and_keep_errors(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(config({**KNOBBED, **change}))
+
+
+def test_keep_leaves_rows_out_and_counts_their_series() -> None:
+    d = Definition.model_validate(KNOBBED)
+    rows = [("1", 150, True), ("2", 20, False), ("3", None, False), ("4", 300, True)]
+    out = render_rows(d, d.queries[0], ["id", "total", "big"], rows, ["main", "app"], server_version_num=150000)
+    text = render_text(out.families).decode()
+    assert samples(text, "pgcache_app_order_total") == [150, 300]
+    assert samples(text, "pgcache_app_orders_seen") == [470]  # aggregates count every row
+    assert out.dropped == 1  # row 2's one series; row 3 had none
