@@ -27,7 +27,7 @@ from exporter.postgres.statements import EXTENSION_SQL
 __all__ = ["RoundResult", "measure_round_vs_floor", "ours_config"]
 
 # Every built-in PostgreSQL collector, from the definitions.
-COLLECTORS = tuple(d.name for d in builtin_definitions())
+COLLECTORS = tuple(d.name for d in builtin_definitions() if d.enabled)
 
 
 def ours_config(dsn: str, intervals: dict[str, float] | None = None, listen: str | None = None,
@@ -72,10 +72,13 @@ async def _floor_statements(conn: asyncpg.Connection) -> list[tuple[str, str, tu
     exts = {r["extname"]: (r["extversion"], r["schema"]) for r in await conn.fetch(EXTENSIONS_SQL)}
     stmts: list[tuple[str, str, tuple]] = [("statements: extension", EXTENSION_SQL, ())]
     for d in builtin_definitions():
+        if not d.enabled:
+            continue  # off by default (the advisor): not part of a round
         for q in d.queries:
             sql = sql_for(q, server, exts)
             if sql is not None and q.name != "texts":
-                stmts.append((f"{d.name}: {q.name}", sql, ()))
+                args = tuple(d.settings[p].default for p in q.params)
+                stmts.append((f"{d.name}: {q.name}", sql, args))
     return stmts
 
 

@@ -61,7 +61,7 @@ async def test_hostile_names_survive_promtool_and_prometheus(
             },
         }
         async with running_daemon(config) as d:
-            for collector in [d.name for d in builtin_definitions()]:
+            for collector in [d.name for d in builtin_definitions() if d.enabled]:
                 await next_round(d, collector)
             _, body = await fetch(d)
             promtool_check_metrics(promtool, body.encode())
