@@ -121,6 +121,7 @@ def _is_connection_error(exc: BaseException) -> bool:
 class _Idle:
     db: str
     conn: AsyncConnection
+    driver: Any  # the asyncpg connection under it (reachable even once SQLAlchemy gave up on it)
     since: float
 
 
@@ -183,7 +184,8 @@ class PostgresTarget:
         gone = [d for d in self._engines if d not in keep and d != self.default_database]
         for idle in [i for i in self._idle if i.db in gone]:
             self._idle.remove(idle)
-            await self._close(idle.conn)
+            self.open_connections -= 1
+            await self._close(idle.conn, idle.driver)
         for db in gone:
             await self._engines.pop(db).dispose()
 
@@ -195,7 +197,8 @@ class PostgresTarget:
             self._reaper = None
         idle, self._idle = self._idle, []
         for i in idle:
-            await self._close(i.conn)
+            self.open_connections -= 1
+            await self._close(i.conn, i.driver)
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=CLOSE_TIMEOUT * 2)
         engines, self._engines = list(self._engines.values()), {}
@@ -207,7 +210,9 @@ class PostgresTarget:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    async def _acquire(self, db: str, *, probe: bool, connect_timeout: float) -> AsyncConnection:
+    async def _acquire(
+        self, db: str, *, probe: bool, connect_timeout: float
+    ) -> tuple[AsyncConnection, Any, bool]:
         """A connection to `db` within the budget: an idle one to that database, else a new one
         (closing an idle one to another database to make room), else wait for a slot."""
         limit = self.budget if probe else max(1, self.budget - 1)
@@ -219,14 +224,14 @@ class PostgresTarget:
                         if i.conn.closed or i.conn.invalidated:
                             self._drop_slot_locked()
                             break
-                        return i.conn
+                        return i.conn, i.driver, True
                 else:
                     in_use = self.open_connections - len(self._idle)
                     if in_use < limit:
                         if self.open_connections >= self.budget and self._idle:
                             oldest = self._idle.pop(0)  # make room: close an idle one
                             self.open_connections -= 1
-                            self._close_soon(oldest.conn)
+                            self._close_soon(oldest.conn, oldest.driver)
                         if self.open_connections < self.budget:
                             self.open_connections += 1
                             break
@@ -234,7 +239,9 @@ class PostgresTarget:
                     continue
         try:
             async with asyncio.timeout(connect_timeout):
-                return await self.engine(db).connect()
+                conn = await self.engine(db).connect()
+                raw = await conn.get_raw_connection()
+                return conn, raw.driver_connection, False
         except BaseException:
             await self._release_slot()
             raise
@@ -247,9 +254,9 @@ class PostgresTarget:
         async with self._changed:
             self._drop_slot_locked()
 
-    async def _give_back(self, db: str, conn: AsyncConnection) -> None:
+    async def _give_back(self, db: str, conn: AsyncConnection, driver: Any) -> None:
         async with self._changed:
-            self._idle.append(_Idle(db, conn, time.monotonic()))
+            self._idle.append(_Idle(db, conn, driver, time.monotonic()))
             self._changed.notify_all()
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
@@ -267,21 +274,21 @@ class PostgresTarget:
                 if old:
                     self._changed.notify_all()
             for i in old:
-                await self._close(i.conn)
+                await self._close(i.conn, i.driver)
 
-    def _close_soon(self, conn: AsyncConnection) -> None:
-        task = asyncio.get_running_loop().create_task(self._close(conn))
+    def _close_soon(self, conn: AsyncConnection, driver: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._close(conn, driver))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     @staticmethod
-    async def _close(conn: AsyncConnection) -> None:
+    async def _close(conn: AsyncConnection, driver: Any) -> None:
         """Close gracefully (the server logs no error), but never wait long for a hung server."""
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await conn.close()
         except Exception:
-            await _terminate(conn)
+            await _terminate(conn, driver)
 
     # -- sessions -------------------------------------------------------------------------------
     @asynccontextmanager
@@ -289,36 +296,36 @@ class PostgresTarget:
         self, datname: str | None = None, *, statement_timeout: float, read_write: bool = False,
         probe: bool = False,
     ) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction under `statement_timeout` (seconds), rolled back at the end
-        unless the caller commits. `read_write` (only `explain --allow-writes`, whose caller always
+        """A read-only session under `statement_timeout` (seconds); what runs through SQLAlchemy
+        runs in a transaction, rolled back at the end unless the caller commits. `read_write` (only `explain --allow-writes`, whose caller always
         rolls back) lifts the read-only default for this one transaction. Connecting takes at most
         `statement_timeout` too (and at most the target's connect_timeout)."""
         db = datname or self.default_database
         where = f"target {self.name}, database {db}"
         connect_timeout = min(self.cfg.connect_timeout, max(statement_timeout, 0.1))
-        try:
-            conn = await self._acquire(db, probe=probe, connect_timeout=connect_timeout)
-        except Exception as e:
-            if _is_connection_error(e) or isinstance(e, DBAPIError | InterfaceError | OperationalError):
+        for attempt in (1, 2):
+            try:
+                conn, driver, reused = await self._acquire(db, probe=probe,
+                                                           connect_timeout=connect_timeout)
+            except Exception as e:
+                if _is_connection_error(e) or isinstance(e, DBAPIError | InterfaceError | OperationalError):
+                    self.server_version_num = None
+                    raise ConnectError(f"{where}: cannot connect: {describe_error(e)}") from None
+                raise
+            try:
+                await self._begin(conn, driver, statement_timeout, read_write)
+                break
+            except BaseException as e:
+                await _terminate(conn, driver)
+                await self._release_slot()
+                if not isinstance(e, DBAPIError | asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
+                    raise
+                if reused and attempt == 1 and _is_connection_error(e):
+                    continue  # an idle connection the server closed meanwhile: a new one
                 self.server_version_num = None
                 raise ConnectError(f"{where}: cannot connect: {describe_error(e)}") from None
-            raise
         healthy = False
         try:
-            try:
-                if read_write:
-                    # Must be the transaction's first statement (any query fixes the mode).
-                    await conn.execute(text("SET TRANSACTION READ WRITE"))
-                await conn.execute(
-                    text("SELECT set_config('statement_timeout', :t, true)"),
-                    {"t": str(max(1, int(statement_timeout * 1000)))},
-                )
-                if self.server_version_num is None or self.privileges is None:
-                    await self._learn(conn)
-            except (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
-                # A reused idle connection the server closed meanwhile: nothing ran yet.
-                self.server_version_num = None
-                raise ConnectError(f"{where}: cannot connect: {describe_error(e)}") from None
             try:
                 yield conn
             except (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
@@ -330,20 +337,36 @@ class PostgresTarget:
             except OSError as e:
                 self.server_version_num = None
                 raise ConnectionLost(f"{where}: connection lost: {describe_error(e)}") from None
-            if conn.in_transaction():
-                await conn.rollback()
-            healthy = True
+            try:
+                if conn.in_transaction():
+                    await conn.rollback()
+                healthy = True
+            except Exception:  # the work is done; the connection is only not reused
+                log.debug("%s: rollback failed; connection dropped", where)
         finally:
             if healthy:
-                await self._give_back(db, conn)
+                await self._give_back(db, conn, driver)
             else:
                 # Failed, timed out or cancelled mid-operation: the connection's state is unknown.
                 # Cut it now (no round trip: the run must end within its timeout) and never reuse it.
-                await _terminate(conn)
+                await _terminate(conn, driver)
                 await self._release_slot()
 
-    async def _learn(self, conn: AsyncConnection) -> None:
-        row = (await conn.execute(text(PRIVILEGES_SQL))).mappings().first()
+    async def _begin(self, conn: AsyncConnection, driver: Any, statement_timeout: float,
+                     read_write: bool) -> None:
+        """Set the session up through the driver itself: a statement SQLAlchemy runs and a
+        timeout cancels makes it close the connection gracefully, waiting up to 2 s on a hung
+        server (runs would overrun their timeout). The collectors read with the driver too."""
+        if read_write:
+            # Must be the transaction's first statement (any query fixes the mode).
+            await conn.execute(text("SET TRANSACTION READ WRITE"))
+        await driver.fetchval(SQL_MARK + "SELECT set_config('statement_timeout', $1, false)",
+                              str(max(1, int(statement_timeout * 1000))))
+        if self.server_version_num is None or self.privileges is None:
+            await self._learn(driver)
+
+    async def _learn(self, driver: Any) -> None:
+        row = await driver.fetchrow(SQL_MARK + PRIVILEGES_SQL)
         if row is None:  # cannot happen: current_user is a role
             return
         self.server_version_num = int(row["version"])
@@ -365,8 +388,12 @@ class PostgresTarget:
         delay it."""
         try:
             async with asyncio.timeout(limit):
-                async with self.session(statement_timeout=limit, probe=True) as conn:
-                    await conn.execute(text("SELECT 1"))
+                try:
+                    async with self.session(statement_timeout=limit, probe=True) as conn:
+                        await _select_1(conn)
+                except ConnectionLost:  # a backend terminated under us: not a server down
+                    async with self.session(statement_timeout=limit, probe=True) as conn:
+                        await _select_1(conn)
         except TimeoutError:
             self.server_version_num = None
             return f"target {self.name}: no answer within {limit:g}s"
@@ -392,17 +419,20 @@ class PostgresTarget:
         return [d for d in found if sel.allows(d)]
 
 
+async def _select_1(conn: AsyncConnection) -> None:
+    raw = await conn.get_raw_connection()
+    await raw.driver_connection.fetchval(SQL_MARK + "SELECT 1")  # type: ignore[union-attr]
+
+
 def _mark(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
           executemany: bool) -> tuple[str, Any]:
     return SQL_MARK + statement, parameters
 
 
-async def _terminate(conn: AsyncConnection) -> None:
+async def _terminate(conn: AsyncConnection, driver: Any) -> None:
     """Close the socket at once (asyncpg's terminate), then let SQLAlchemy forget the connection
     (with the socket gone that takes no round trip)."""
     with suppress(Exception):
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
         if driver is not None and not driver.is_closed():
             driver.terminate()
     with suppress(Exception):

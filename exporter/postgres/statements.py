@@ -309,15 +309,19 @@ class StatementsCollector(DefinitionCollector):
         SQL_ASCII database) fails the read, and then this is None (a savepoint keeps the
         transaction usable)."""
         apg = await driver(conn)
-        await apg.execute("SAVEPOINT pgcache_texts")
+        savepoint = apg.is_in_transaction()
+        if savepoint:
+            await apg.execute("SAVEPOINT pgcache_texts")
         try:
             got = await self.rows(conn, _TEXTS, exts, ids)
         except asyncpg.PostgresError as e:
             if e.sqlstate not in _CONVERSION_SQLSTATES:
                 raise
-            await apg.execute("ROLLBACK TO SAVEPOINT pgcache_texts")
+            if savepoint:
+                await apg.execute("ROLLBACK TO SAVEPOINT pgcache_texts")
             return None
-        await apg.execute("RELEASE SAVEPOINT pgcache_texts")
+        if savepoint:
+            await apg.execute("RELEASE SAVEPOINT pgcache_texts")
         assert got is not None
         return {qid: query for qid, query in got[1]}
 
