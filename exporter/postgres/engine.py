@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ..config import PostgresTargetConfig
 from ..errors import ConnectError, QueryError
 
-__all__ = ["APPLICATION_NAME", "SQL_MARK", "ConnectionLost", "PostgresTarget", "Privileges",
+__all__ = ["APPLICATION_NAME", "SQL_MARK", "ConnectionLost", "is_own_statement", "PostgresTarget", "Privileges",
            "describe_error"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,21 @@ APPLICATION_NAME = "pgcache-exporter"
 # Leads every statement the exporter sends: pg_stat_statements keeps it in the text, which is how
 # the exporter tells its own statements from those of an application sharing its role.
 SQL_MARK = "/* pgcache-exporter */ "
+# What the drivers send on their own (SQLAlchemy's dialect set-up, asyncpg's type introspection,
+# transaction control): the exporter's too when its role ran them.
+_DRIVER_STATEMENTS = (
+    "WITH RECURSIVE typeinfo_tree", "select current_schema()", "show standard_conforming_strings",
+    "select pg_catalog.version()", "SELECT current_setting($1) AS cur, set_config(",
+    "show transaction isolation level", "BEGIN", "ROLLBACK",
+)
+
+
+def is_own_statement(query: str | None) -> bool:
+    """Whether a pg_stat_statements text of the exporter's role is the exporter's own."""
+    if query is None:
+        return False
+    query = " ".join(query.split())
+    return query.startswith(SQL_MARK.strip()) or query.startswith(_DRIVER_STATEMENTS)
 LOCK_TIMEOUT_MS = 1000
 # How long a connection stays open, idle, after its run (reused by the next run on that database).
 IDLE_GRACE = 5.0

@@ -24,7 +24,7 @@ from ..config import StatementsSettings
 from ..definitions import definition
 from ..errors import QueryError
 from ..families import Family, FamilySpec
-from .engine import SQL_MARK, PostgresTarget
+from .engine import SQL_MARK, PostgresTarget, is_own_statement
 from .queries import DefinitionCollector, driver, render_rows, run_query, sql_for
 
 __all__ = [
@@ -285,7 +285,7 @@ class StatementsCollector(DefinitionCollector):
     async def _without_own(self, conn: AsyncConnection, exts: Mapping[str, tuple[str, str]],
                            rows: list[StatementRow]) -> list[StatementRow]:
         """The rows without the exporter's own statements (they would lead the list and fill
-        it): those of its role whose text starts with SQL_MARK. Each queryid of the role is
+        it): those of its role whose text starts with SQL_MARK (or is one its drivers send). Each queryid of the role is
         classified once, by its text (an application sharing the role keeps its statements)."""
         privileges = self.pg.privileges
         if privileges is None:
@@ -297,8 +297,7 @@ class StatementsCollector(DefinitionCollector):
         if unknown:
             texts = await self._read_texts(conn, exts, unknown)
             for q in unknown:
-                text = (texts or {}).get(q)
-                self._own[q] = text is not None and text.lstrip().startswith(SQL_MARK.strip())
+                self._own[q] = is_own_statement((texts or {}).get(q))
         return [r for r in rows
                 if not (r.userid == oid and r.queryid is not None and self._own.get(r.queryid))]
 
@@ -311,17 +310,17 @@ class StatementsCollector(DefinitionCollector):
         apg = await driver(conn)
         savepoint = apg.is_in_transaction()
         if savepoint:
-            await apg.execute("SAVEPOINT pgcache_texts")
+            await apg.execute(SQL_MARK + "SAVEPOINT pgcache_texts")
         try:
             got = await self.rows(conn, _TEXTS, exts, ids)
         except asyncpg.PostgresError as e:
             if e.sqlstate not in _CONVERSION_SQLSTATES:
                 raise
             if savepoint:
-                await apg.execute("ROLLBACK TO SAVEPOINT pgcache_texts")
+                await apg.execute(SQL_MARK + "ROLLBACK TO SAVEPOINT pgcache_texts")
             return None
         if savepoint:
-            await apg.execute("RELEASE SAVEPOINT pgcache_texts")
+            await apg.execute(SQL_MARK + "RELEASE SAVEPOINT pgcache_texts")
         assert got is not None
         return {qid: query for qid, query in got[1]}
 

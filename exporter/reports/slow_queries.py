@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import QueryError
-from ..postgres.engine import SQL_MARK, PostgresTarget, describe_error
+from ..postgres.engine import PostgresTarget, describe_error, is_own_statement
 from ..postgres.statements import (
     EXTENSION_SQL,
     HOW_TO_ENABLE,
@@ -96,13 +96,13 @@ async def slow_queries(
 
 async def _without_own(conn: AsyncConnection, schema: str, rows: list[StatementRow],
                        role_oid: int) -> list[StatementRow]:
-    """Leave out the exporter's own statements: its role's whose text starts with SQL_MARK."""
+    """Leave out the exporter's own statements: its role's whose text starts with SQL_MARK (or
+    is one its drivers send)."""
     ids = sorted({r.queryid for r in rows if r.userid == role_oid and r.queryid is not None})
     if not ids:
         return rows
     found = await conn.execute(text(statement_texts_sql(schema)), {"ids": ids})
-    own = {qid for qid, query in found if query is not None
-           and query.lstrip().startswith(SQL_MARK.strip())}
+    own = {qid for qid, query in found if is_own_statement(query)}
     return [r for r in rows if not (r.userid == role_oid and r.queryid in own)]
 
 
