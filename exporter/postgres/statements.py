@@ -276,7 +276,7 @@ class StatementsCollector(DefinitionCollector):
         families = statement_families(
             self.target, chosen, texts=texts, io_timing=bool(ext["io_timing"]),
             dealloc=dealloc, stats_reset=stats_reset,
-            unconvertible=self._unconvertible if self.text_length > 0 else None,
+            unconvertible=self._unconvertible,
         )
         skip = 0 if ext["io_timing"] else len(_IO_FAMILIES)
         per_row = len(_STATS.metrics) - skip

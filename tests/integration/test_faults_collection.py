@@ -99,7 +99,10 @@ def hung(pg: PostgresCluster) -> Iterator[None]:
 
 # -- finding 4 and 7: a hung server shows as down, and runs end within their timeout ---------------
 
-async def test_hung_server_shows_as_down_within_one_probe_interval(pg_private: PostgresCluster) -> None:
+async def test_hung_server_shows_as_down_within_one_probe_interval(
+    pg_private: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     cfg = pg_config(pg_private.dsn, only("activity", "database", activity=FAST, database=FAST))
     async with running_daemon(cfg) as d:
         await next_round(d, "activity")
@@ -118,6 +121,11 @@ async def test_hung_server_shows_as_down_within_one_probe_interval(pg_private: P
         await wait_for(lambda: d.snapshot.up.get("main") is True, timeout=15, what="pgcache_up 1 again")
         await wait_for(lambda: all(st.success for st in d.snapshot.status.values()), timeout=15,
                        what="collectors recover")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "never retrieved" in m], messages
+    # One line when the target goes down, one when it is back.
+    assert len([m for m in messages if "target main: down" in m]) == 1, messages
+    assert len([m for m in messages if "target main: up again" in m]) == 1, messages
 
 
 async def test_started_during_a_hang_shows_down_from_the_first_round(pg_private: PostgresCluster) -> None:
