@@ -64,6 +64,11 @@ IDLE_GRACE = 5.0
 # A graceful close (Terminate message) that takes longer than this is cut short.
 CLOSE_TIMEOUT = 1.0
 
+# asyncpg's "cannot switch to state N; another operation is in progress": the protocol is not idle
+# where it should be (our backend was terminated between two statements, its FATAL message
+# arrived while idle). The connection is unusable: a connection lost.
+_BROKEN = asyncpg.exceptions.InternalClientError
+
 # SQLSTATE classes that mean "we are not (or no longer) talking to a working server".
 _CONNECTION_SQLSTATES = ("08", "28", "3D", "53300", "57P01", "57P02", "57P03")
 
@@ -120,7 +125,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
-    if isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError):
+    if isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError | _BROKEN):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
@@ -161,6 +166,7 @@ class PostgresTarget:
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._warned_privileges: bool | None = None
+        self._probe_in_use = 0
 
     # -- engines (one per database, no pool of their own: the budget below is the pool) ---------
     def engine(self, datname: str | None = None) -> AsyncEngine:
@@ -242,7 +248,8 @@ class PostgresTarget:
                         return i.conn, i.driver, True
                 else:
                     in_use = self.open_connections - len(self._idle)
-                    if in_use < limit:
+                    # The probe's own connection does not count against the collectors' share.
+                    if (in_use if probe else in_use - self._probe_in_use) < limit:
                         if self.open_connections >= self.budget and self._idle:
                             oldest = self._idle.pop(0)  # make room: close an idle one
                             self.open_connections -= 1
@@ -327,13 +334,16 @@ class PostgresTarget:
                     self.server_version_num = None
                     raise ConnectError(f"{where}: cannot connect: {describe_error(e)}") from None
                 raise
+            self._probe_in_use += probe
             try:
                 await self._begin(conn, driver, statement_timeout, read_write)
                 break
             except BaseException as e:
+                self._probe_in_use -= probe
                 await _terminate(conn, driver)
                 await self._release_slot()
-                if not isinstance(e, DBAPIError | asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
+                if not isinstance(e, DBAPIError | asyncpg.PostgresError | asyncpg.InterfaceError | OSError
+                                  | _BROKEN):
                     raise
                 if reused and attempt == 1 and _is_connection_error(e):
                     continue  # an idle connection the server closed meanwhile: a new one
@@ -349,7 +359,7 @@ class PostgresTarget:
                     self.server_version_num = None
                     raise ConnectionLost(f"{where}: connection lost: {describe_error(e)}") from None
                 raise QueryError(f"{where}: {describe_error(e)}") from None
-            except OSError as e:
+            except (OSError, _BROKEN) as e:
                 self.server_version_num = None
                 raise ConnectionLost(f"{where}: connection lost: {describe_error(e)}") from None
             try:
@@ -359,6 +369,7 @@ class PostgresTarget:
             except Exception:  # the work is done; the connection is only not reused
                 log.debug("%s: rollback failed; connection dropped", where)
         finally:
+            self._probe_in_use -= probe
             if healthy:
                 await self._give_back(db, conn, driver)
             else:
@@ -403,12 +414,15 @@ class PostgresTarget:
         delay it."""
         try:
             async with asyncio.timeout(limit):
-                try:
-                    async with self.session(statement_timeout=limit, probe=True) as conn:
-                        await _select_1(conn)
-                except ConnectionLost:  # a backend terminated under us: not a server down
-                    async with self.session(statement_timeout=limit, probe=True) as conn:
-                        await _select_1(conn)
+                while True:
+                    try:
+                        async with self.session(statement_timeout=limit, probe=True) as conn:
+                            await _select_1(conn)
+                        break
+                    except ConnectionLost:
+                        # Our backend was terminated under us (pg_terminate_backend, a pooler):
+                        # the server answers; try again on a new connection while time is left.
+                        await asyncio.sleep(0.05)
         except TimeoutError:
             self.server_version_num = None
             return f"target {self.name}: no answer within {limit:g}s"
