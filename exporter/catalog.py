@@ -38,10 +38,11 @@ def _from_metrics(families: Iterable[Metric], collector: str) -> list[FamilySpec
 
 def exporter_families() -> list[FamilySpec]:
     from .selfmetrics import self_families
-    from .snapshot import CollectorStatus
+    from .snapshot import CollectorStatus, TargetHealth
 
     status = CollectorStatus("t", "c", 1.0, runs=1, success=True, duration=1.0, last_success=1.0)
-    return _from_metrics(self_families([status], {"t": True}), "exporter")
+    health = {"t": TargetHealth(connections=1, budget=3, privileged=True)}
+    return _from_metrics(self_families([status], {"t": True}, health), "exporter")
 
 
 def cache_families() -> list[FamilySpec]:

@@ -106,8 +106,9 @@ class PostgresTargetConfig(_Model):
     databases: DatabaseSelection = DatabaseSelection()
     # Behind PgBouncer in transaction mode, named prepared statements break; this turns them off.
     pgbouncer: bool = False
-    # Connections per database pool (the exporter runs at most this many queries per database at once).
-    max_connections: int = Field(default=2, ge=1, le=10)
+    # The connection budget: connections open to this server at once (idle ones included), across
+    # all its databases; one of them is kept for the pgcache_up probe.
+    max_connections: int = Field(default=3, ge=1, le=20)
     connect_timeout: Duration = 5.0
 
     @model_validator(mode="after")
@@ -214,6 +215,8 @@ class StatementsSettings(CollectorSettings):
     timeout: Duration = _BUILTIN["statements"].timeout
     limit: int = Field(default=_limit_default("statements"), ge=1, le=100_000)
     query_text_length: int = Field(default=200, ge=0, le=10_000)
+    # The exporter's own statements (its role's) are left out unless this is on.
+    include_own_statements: bool = False
 
 
 class IndexesSettings(CollectorSettings):

@@ -25,7 +25,7 @@ from .postgres.engine import PostgresTarget
 from .postgres.indexes import IndexesCollector
 from .postgres.queries import DefinitionCollector
 from .postgres.statements import StatementsCollector
-from .scheduler import CollectionLoop, Job, Scheduler, run_job
+from .scheduler import CollectionLoop, Job, Probe, Scheduler, probe_once, run_job
 from .snapshot import Snapshot
 from .web import make_app
 from .webconfig import WebSecurity
@@ -133,7 +133,7 @@ class Daemon:
         self.snapshot.prepare()
         self._targets = targets
         self.config = config
-        self.scheduler.start(jobs)
+        self.scheduler.start(jobs, targets)
         log.info(
             "collecting from %d target(s) with %d job(s)", len(target_kinds(config)), len(jobs)
         )
@@ -254,8 +254,11 @@ async def collect_once(config: Config, snapshot: Snapshot) -> bool:
     redactor.add_secrets(config.secrets())
     targets, jobs = build_jobs(config)
     lay_out(snapshot, config, jobs)
+    probes = [Probe.for_target(t, jobs) for t in targets]
+    snapshot.probe_targets(p.target.name for p in probes)
     try:
-        results = await asyncio.gather(*(run_job(j, snapshot) for j in jobs))
+        results = await asyncio.gather(*(probe_once(p, snapshot) for p in probes),
+                                       *(run_job(j, snapshot) for j in jobs))
     finally:
         for j in jobs:
             await j.collector.close()

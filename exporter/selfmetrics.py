@@ -8,12 +8,15 @@ from collections.abc import Mapping, Sequence
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import __version__
-from .snapshot import CollectorStatus
+from .snapshot import CollectorStatus, TargetHealth
 
 __all__ = ["self_families"]
 
 
-def self_families(statuses: Sequence[CollectorStatus], up: Mapping[str, bool]) -> list[Metric]:
+def self_families(
+    statuses: Sequence[CollectorStatus], up: Mapping[str, bool],
+    health: Mapping[str, TargetHealth] | None = None,
+) -> list[Metric]:
     build = GaugeMetricFamily(
         "pgcache_build_info",
         "pgcache-exporter build information (always 1).",
@@ -22,11 +25,35 @@ def self_families(statuses: Sequence[CollectorStatus], up: Mapping[str, bool]) -
     build.add_metric([__version__, platform.python_version()], 1)
 
     up_f = GaugeMetricFamily(
-        "pgcache_up", "Whether the target answered its last collection (1) or could not be reached (0).",
+        "pgcache_up",
+        "Whether the target answers (1) or not (0): for PostgreSQL, a probe (connect and SELECT 1) "
+        "bounded by the shortest collector timeout; for Redis, the cache collector's last run.",
         labels=["target"],
     )
     for target, ok in sorted(up.items()):
         up_f.add_metric([target], 1 if ok else 0)
+    conns = GaugeMetricFamily(
+        "pgcache_exporter_connections",
+        "Connections the exporter holds open to the PostgreSQL target now, in use or idle "
+        "(its own sessions, left out of pgcache_connections).",
+        labels=["target"],
+    )
+    conns_max = GaugeMetricFamily(
+        "pgcache_exporter_connections_max",
+        "The exporter's connection budget for the target (postgres[].max_connections).",
+        labels=["target"],
+    )
+    privileged = GaugeMetricFamily(
+        "pgcache_role_privileged",
+        "1 when the exporter's role is superuser or has pg_monitor's privileges; 0 when other "
+        "roles' sessions, statements and sizes are hidden from it (the figures are incomplete).",
+        labels=["target"],
+    )
+    for target, h in sorted((health or {}).items()):
+        conns.add_metric([target], h.connections)
+        conns_max.add_metric([target], h.budget)
+        if h.privileged is not None:
+            privileged.add_metric([target], 1 if h.privileged else 0)
 
     labels = ["target", "collector"]
     success = GaugeMetricFamily(
@@ -62,4 +89,5 @@ def self_families(statuses: Sequence[CollectorStatus], up: Mapping[str, bool]) -
         success.add_metric(lv, 1 if st.success else 0)
         duration.add_metric(lv, st.duration or 0.0)
         last_ok.add_metric(lv, st.last_success or 0.0)
-    return [build, up_f, success, duration, last_ok, errors, runs, dropped]
+    return [build, up_f, conns, conns_max, privileged, success, duration, last_ok, errors, runs,
+            dropped]

@@ -20,7 +20,7 @@ from prometheus_client.core import Metric
 from .collector import CollectResult
 from .families import Family, escape_label, format_value
 
-__all__ = ["CollectorStatus", "Snapshot", "render_openmetrics", "render_text"]
+__all__ = ["CollectorStatus", "Snapshot", "TargetHealth", "render_openmetrics", "render_text"]
 
 Key = tuple[str, str]  # (target, collector)
 
@@ -40,6 +40,18 @@ class CollectorStatus:
     last_error: str | None = None
     errors_total: int = 0
     dropped_total: int = 0
+
+
+@dataclass
+class TargetHealth:
+    """What the probe of one PostgreSQL target found: the exporter's connections to it and
+    whether its role sees everything (None: not known yet)."""
+
+    connections: int = 0
+    budget: int = 0
+    privileged: bool | None = None
+    privilege_warning: str | None = None
+    down_reason: str | None = None
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -143,6 +155,9 @@ class Snapshot:
         self._parts: dict[Key, Part] = {}
         self.status: dict[Key, CollectorStatus] = {}
         self.up: dict[str, bool] = {}
+        # Targets whose pgcache_up a probe decides (collectors' runs do not flip it).
+        self.probed: set[str] = set()
+        self.health: dict[str, TargetHealth] = {}
         self._version = 0
         self._text: tuple[int, bytes] | None = None
         self._gzip: tuple[int, bytes] | None = None
@@ -164,7 +179,25 @@ class Snapshot:
             # pgcache_up appears after a target's first run: unknown is not "down".
             keep = set(targets)
             self.up = {t: ok for t, ok in self.up.items() if t in keep}
+            self.probed &= keep
+            self.health = {t: h for t, h in self.health.items() if t in keep}
             self._version += 1
+
+    def probe_targets(self, targets: Iterable[str]) -> None:
+        """These targets' pgcache_up comes from their probe from now on."""
+        with self._lock:
+            self.probed = set(targets)
+            self._version += 1
+
+    def record_probe(self, target: str, *, up: bool, health: TargetHealth) -> None:
+        with self._lock:
+            if target not in self.probed:
+                return
+            changed = self.up.get(target) != up or self.health.get(target) != health
+            self.up[target] = up
+            self.health[target] = health
+            if changed:
+                self._version += 1
 
     # -- results -------------------------------------------------------------------------------
     def record(
@@ -180,6 +213,7 @@ class Snapshot:
         """Store one finished run. `result` None keeps the previous families (a failed run
         shows as pgcache_collector_success 0 rather than as vanished series)."""
         key = (target, collector)
+        # May raise (a value no exposition can hold): the caller records the run as failed then.
         part = render_part(result.families) if result is not None else None
         with self._lock:
             st = self.status.get(key)
@@ -199,22 +233,24 @@ class Snapshot:
                 st.dropped_total += result.dropped
             if part is not None:
                 self._parts[key] = part
-            if reachable is not None:
+            if reachable is not None and target not in self.probed:
                 self.up[target] = reachable
             self._version += 1
 
     @property
     def ready(self) -> bool:
-        """Every configured job has finished its first run (successfully or not)."""
+        """Every configured job has finished its first run (successfully or not), and every
+        probed target has been probed once."""
         with self._lock:
-            return all(st.runs > 0 for st in self.status.values())
+            return (all(st.runs > 0 for st in self.status.values())
+                    and all(t in self.up for t in self.probed))
 
     # -- exposition ----------------------------------------------------------------------------
     def _parts_now(self) -> tuple[int, list[Part]]:
         """The current version and every part, the exporter's own metrics first (under the lock)."""
         from .selfmetrics import self_families  # late: selfmetrics imports this module's types
 
-        own = render_part(self_families(list(self.status.values()), dict(self.up)))
+        own = render_part(self_families(list(self.status.values()), dict(self.up), dict(self.health)))
         return self._version, [own] + [p for _, p in sorted(self._parts.items())]
 
     def text(self) -> bytes:

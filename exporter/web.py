@@ -96,13 +96,15 @@ async def landing(request: web.Request) -> web.Response:
         f"<td>{ {True: 'up', False: 'down', None: 'pending'}[snap.up.get(name)] }</td></tr>"
         for name, kind in request.app[TARGETS_KEY]()
     )
+    warnings = "".join(f"<p class=warning>Warning: {e(h.privilege_warning)}</p>"
+                       for _, h in sorted(snap.health.items()) if h.privilege_warning)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pgcache-exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}
 tr.failing{{background:#fdd}}tr.pending{{background:#eee}}</style></head>
 <body><h1>pgcache-exporter {e(__version__)}</h1>
 <p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> · <a href="/ready">Ready</a>
- ({"ready" if snap.ready else "not ready"})</p>
+ ({"ready" if snap.ready else "not ready"})</p>{warnings}
 <h2>Targets</h2><table><tr><th>target</th><th>kind</th><th>state</th></tr>{targets}</table>
 <h2>Collectors</h2><table><tr><th>target</th><th>collector</th><th>status</th><th>last run</th>
 <th>duration</th><th>last success</th><th>runs</th><th>errors</th><th>last error</th></tr>

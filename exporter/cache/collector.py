@@ -103,7 +103,14 @@ def cache_families(target: str, snap: StatsSnapshot, limit: int) -> tuple[list[M
     for instance, ts in sorted(recent[:limit]):
         flush.add_metric([target, instance], ts)
     dropped += max(0, len(recent) - limit)
-    return [*fams, flush], dropped
+    rejected = GaugeMetricFamily(
+        "pgcache_cache_stats_rejected_fields",
+        "Fields of the stats hash refused in the last read: unknown, malformed, or values no "
+        "writer produces (negative, non-finite, beyond 64 bits).",
+        labels=["target"],
+    )
+    rejected.add_metric([target], snap.unparsed)
+    return [*fams, flush, rejected], dropped
 
 
 def _num(info: Mapping[str, Any], key: str) -> float:

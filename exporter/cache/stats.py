@@ -218,6 +218,26 @@ def _text(x: bytes | str) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
 
 
+# Redis counters are signed 64-bit: anything beyond is not a counter a writer produced.
+_MAX_COUNT = 2**63 - 1
+
+
+def _count(v: str) -> int:
+    """A counter value; negative or absurd ones are refused (ValueError: counted as unparsed)."""
+    n = int(v)
+    if not 0 <= n <= _MAX_COUNT:
+        raise ValueError(v)
+    return n
+
+
+def _amount(v: str) -> float:
+    """A sum or timestamp; negative, NaN and infinite ones are refused."""
+    x = float(v)
+    if not (math.isfinite(x) and x >= 0):
+        raise ValueError(v)
+    return x
+
+
 def parse_stats(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> StatsSnapshot:
     """The stats hash as read by HGETALL, per namespace. Fields it does not know are counted in
     ``unparsed`` (and otherwise ignored) so a newer writer never breaks an older reader."""
@@ -237,24 +257,24 @@ def parse_stats(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> StatsSnaps
             if not sep:
                 raise ValueError(k)
             if kind in COUNTER_KINDS:
-                ns_stats(rest).counters[kind] = int(v)
+                ns_stats(rest).counters[kind] = _count(v)
             elif kind == "errors":
                 op, sep2, ns = rest.partition("|")
                 if not sep2:
                     raise ValueError(k)
-                ns_stats(ns).errors[op] = int(v)
+                ns_stats(ns).errors[op] = _count(v)
             elif kind == "load_bucket":
                 le_text, sep2, ns = rest.partition("|")
                 if not sep2:
                     raise ValueError(k)
                 le = math.inf if le_text == "+Inf" else float(le_text)
-                ns_stats(ns).buckets[le] = int(v)
+                ns_stats(ns).buckets[le] = _count(v)
             elif kind == "load_seconds_sum":
-                ns_stats(rest).load_seconds_sum = float(v)
+                ns_stats(rest).load_seconds_sum = _amount(v)
             elif kind == "saved_seconds":
-                ns_stats(rest).saved_seconds = float(v)
+                ns_stats(rest).saved_seconds = _amount(v)
             elif kind == "flush_ts":
-                snap.flush_timestamps[rest] = float(v)
+                snap.flush_timestamps[rest] = _amount(v)
             elif kind == "flush_seq":
                 pass
             else:

@@ -13,13 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..collector import Collector, CollectResult
 from ..config import CollectorSettings
 from ..errors import CollectError, ConnectError
-from .engine import PostgresTarget
+from .engine import ConnectionLost, PostgresTarget
 
 __all__ = ["PostgresCollector"]
 
 log = logging.getLogger(__name__)
 
-# Databases visited at once by a per-database collector (bounded: the pools are small).
+# Databases visited at once by a per-database collector (the target's connection budget bounds
+# every collector's connections together).
 DATABASE_CONCURRENCY = 2
 STATEMENT_TIMEOUT_SHARE = 0.8
 
@@ -42,13 +43,23 @@ class PostgresCollector(Collector):
     async def collect_one(self, conn: AsyncConnection, datname: str | None) -> CollectResult:
         """Query one database (datname None: the cluster-wide view) and build its families."""
 
+    async def _attempt(self, db: str | None, statement_timeout: float) -> CollectResult:
+        """One database's part of the run; a connection lost mid-run (a terminated backend, a
+        failover) is retried once on a new connection before the part fails."""
+        try:
+            async with self.pg.session(db, statement_timeout=statement_timeout) as conn:
+                return await self.collect_one(conn, db)
+        except ConnectionLost as e:
+            log.debug("target %s: collector %s: %s; retrying once", self.target, self.name, e)
+        async with self.pg.session(db, statement_timeout=statement_timeout) as conn:
+            return await self.collect_one(conn, db)
+
     async def collect(self) -> CollectResult:
         # The server cancels a slow statement a little before the job's own timeout fires, so the
         # connection goes back to the pool cleanly instead of being cut mid-query.
         timeout = self.settings.timeout * STATEMENT_TIMEOUT_SHARE
         if not self.per_database:
-            async with self.pg.session(statement_timeout=timeout) as conn:
-                return await self.collect_one(conn, None)
+            return await self._attempt(None, timeout)
 
         databases = await self.pg.databases(timeout)
         await self.pg.forget(set(databases))
@@ -58,8 +69,7 @@ class PostgresCollector(Collector):
         async def one(db: str) -> CollectResult | CollectError:
             async with sem:
                 try:
-                    async with self.pg.session(db, statement_timeout=timeout) as conn:
-                        return await self.collect_one(conn, db)
+                    return await self._attempt(db, timeout)
                 except CollectError as e:
                     return e
 

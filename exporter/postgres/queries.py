@@ -21,7 +21,7 @@ from ..definitions import Definition, MetricColumn, Query
 from ..errors import QueryError
 from ..families import Family, format_value, label_block
 from .collector import PostgresCollector
-from .engine import PostgresTarget
+from .engine import SQL_MARK, PostgresTarget
 
 __all__ = ["DefinitionCollector", "Rendered", "count_series", "render_rows", "run_query", "sql_for"]
 
@@ -40,7 +40,7 @@ async def driver(conn: AsyncConnection) -> asyncpg.Connection:
 
 
 async def extensions(conn: AsyncConnection) -> dict[str, tuple[str, str]]:
-    rows = await (await driver(conn)).fetch(EXTENSIONS_SQL)
+    rows = await (await driver(conn)).fetch(SQL_MARK + EXTENSIONS_SQL)
     return {r["extname"]: (r["extversion"], r["schema"]) for r in rows}
 
 
@@ -50,7 +50,7 @@ async def run_query(
     """(column names, rows). The names come from the statement, so they are known (and checked)
     even when there is no row."""
     apg = await driver(conn)
-    stmt = await apg.prepare(sql)
+    stmt = await apg.prepare(SQL_MARK + sql)
     names = [a.name for a in stmt.get_attributes()]
     return names, await stmt.fetch(*args)
 

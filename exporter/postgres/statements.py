@@ -11,7 +11,6 @@ and texts are fetched only for exported statements whose queryid has not been se
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -26,8 +25,8 @@ from ..config import StatementsSettings
 from ..definitions import definition
 from ..errors import QueryError
 from ..families import Family, FamilySpec
-from .engine import PostgresTarget
-from .queries import DefinitionCollector, render_rows, run_query, sql_for
+from .engine import SQL_MARK, PostgresTarget, is_own_statement
+from .queries import DefinitionCollector, driver, render_rows, run_query, sql_for
 
 __all__ = [
     "StatementRow",
@@ -41,10 +40,16 @@ __all__ = [
 _DEF = definition("statements")
 _STATS, _TEXTS, _INFO = _DEF.query("statements"), _DEF.query("texts"), _DEF.query("info")
 _INFO_SPEC: FamilySpec = _DEF.declared("pgcache_statement_info")
+_UNCONVERTIBLE_SPEC: FamilySpec = _DEF.declared("pgcache_statement_texts_unconvertible")
 _IO_FAMILIES = frozenset({"pgcache_statement_block_read_seconds", "pgcache_statement_block_write_seconds"})
 
-# A statement already exported stays while its rank is within KEEP_FACTOR x limit.
-KEEP_FACTOR = 1.5
+# The borderline: statements whose total time is within BORDER (relative) of the limit-th one's.
+# Only there does being exported already count; above it, the true top is always exported.
+BORDER = 0.10
+
+# Shown instead of a text that pg_stat_statements cannot convert to the database's encoding.
+UNCONVERTIBLE_TEXT = "<text not convertible to the database encoding>"
+_CONVERSION_SQLSTATES = ("22021", "22P05")
 
 INSUFFICIENT_PRIVILEGE = "<insufficient privilege>"
 
@@ -140,19 +145,22 @@ def _rank_key(row: StatementRow) -> tuple[float, int, int, bool, int]:
 def select_statements(
     rows: Sequence[StatementRow], previous: Collection[Key], limit: int
 ) -> list[StatementRow]:
-    """The top `limit` rows by total exec time, with hysteresis: a row exported last time stays
-    while its rank is within KEEP_FACTOR x limit, so the set does not flap at the boundary."""
+    """The top `limit` rows by total exec time. Hysteresis decides only the borderline, so the set
+    does not flap there: every row whose time is more than BORDER above the limit-th row's is
+    exported; the remaining places go to rows within BORDER of it, those exported last time first.
+    A row in the true top `limit` is thus always exported unless it is on that borderline."""
     ranked = sorted(rows, key=_rank_key)
-    keep_within = math.ceil(limit * KEEP_FACTOR)
-    chosen = [r for r in ranked[:keep_within] if r.key in previous][:limit]
-    keys = {r.key for r in chosen}
-    for r in ranked:
-        if len(chosen) >= limit:
-            break
-        if r.key not in keys:
-            chosen.append(r)
-            keys.add(r.key)
-    return sorted(chosen, key=_rank_key)
+    if len(ranked) <= limit:
+        return ranked
+    cutoff = ranked[limit - 1].exec_ms
+    high, low = cutoff * (1 + BORDER), cutoff * (1 - BORDER)
+    chosen = [r for r in ranked[:limit] if r.exec_ms > high]
+    border = [r for r in ranked if low <= r.exec_ms <= high]
+    places = limit - len(chosen)
+    keep = [r for r in border if r.key in previous][:places]
+    keys = {r.key for r in keep}
+    rest = [r for r in border if r.key not in keys][: places - len(keep)]
+    return sorted(chosen + keep + rest, key=_rank_key)
 
 
 # pg_stat_statements does not normalize every utility statement: `CREATE ROLE x PASSWORD '...'`
@@ -192,6 +200,7 @@ def statement_families(
     io_timing: bool = False,
     dealloc: float | None = None,
     stats_reset: float | None = None,
+    unconvertible: int | None = None,
 ) -> list[Family]:
     """Rows -> families. `texts` maps queryid to its (already cut) label text; None: no info."""
     rows = list(rows)
@@ -207,6 +216,10 @@ def statement_families(
                 info.add_labels(_INFO_SPEC.labels,
                                 [target, r.datname, r.username, str(r.queryid), label], 1)
         families.append(info)
+    if unconvertible is not None:
+        bad = Family.of(_UNCONVERTIBLE_SPEC)
+        bad.add_labels(_UNCONVERTIBLE_SPEC.labels, [target], unconvertible)
+        families.append(bad)
     if dealloc is not None or stats_reset is not None:
         extra = render_rows(_DEF, _INFO, ["dealloc", "stats_reset"], [(dealloc, stats_reset)],
                             [target], server_version_num=0)
@@ -219,7 +232,11 @@ class StatementsCollector(DefinitionCollector):
         super().__init__(target, settings, _DEF)
         self.top = settings.limit
         self.text_length = settings.query_text_length
+        self.include_own = settings.include_own_statements
         self._exported: set[Key] = set()
+        self._unconvertible = 0
+        # queryid -> whether it is the exporter's own statement (for ids run by its role).
+        self._own: dict[int, bool] = {}
         # queryid -> label text (None: no usable text); only ids still in the view are kept.
         self._texts: dict[int, str | None] = {}
 
@@ -246,6 +263,8 @@ class StatementsCollector(DefinitionCollector):
         assert got is not None
         fast = list(got[0]) == _ROW_COLUMNS  # the definition's column order, as expected
         rows = [StatementRow.from_record(m) if fast else StatementRow.from_mapping(m) for m in got[1]]
+        if not self.include_own:
+            rows = await self._without_own(conn, exts, rows)
 
         chosen = select_statements(rows, self._exported, self.top)
         self._exported = {r.key for r in chosen}
@@ -256,12 +275,7 @@ class StatementsCollector(DefinitionCollector):
             self._texts = {q: t for q, t in self._texts.items() if q in present}
             new = sorted({r.queryid for r in chosen if r.queryid is not None} - self._texts.keys())
             if new:
-                got_texts = await self.rows(conn, _TEXTS, exts, new)
-                assert got_texts is not None
-                for qid, query in got_texts[1]:
-                    self._texts[qid] = query_text_label(query, self.text_length)
-                for qid in new:
-                    self._texts.setdefault(qid, None)
+                await self._fetch_texts(conn, exts, new)
             texts = self._texts
 
         dealloc = stats_reset = None
@@ -272,7 +286,63 @@ class StatementsCollector(DefinitionCollector):
         families = statement_families(
             self.target, chosen, texts=texts, io_timing=bool(ext["io_timing"]),
             dealloc=dealloc, stats_reset=stats_reset,
+            unconvertible=self._unconvertible,
         )
         skip = 0 if ext["io_timing"] else len(_IO_FAMILIES)
         per_row = len(_STATS.metrics) - skip
         return CollectResult(families, dropped=(len(rows) - len(chosen)) * per_row)
+
+    async def _without_own(self, conn: AsyncConnection, exts: Mapping[str, tuple[str, str]],
+                           rows: list[StatementRow]) -> list[StatementRow]:
+        """The rows without the exporter's own statements (they would lead the list and fill
+        it): those of its role whose text starts with SQL_MARK (or is one its drivers send). Each queryid of the role is
+        classified once, by its text (an application sharing the role keeps its statements)."""
+        privileges = self.pg.privileges
+        if privileges is None:
+            return rows
+        oid = privileges.role_oid
+        candidates = {r.queryid for r in rows if r.userid == oid and r.queryid is not None}
+        self._own = {q: v for q, v in self._own.items() if q in candidates}
+        unknown = sorted(candidates - self._own.keys())
+        if unknown:
+            texts = await self._read_texts(conn, exts, unknown)
+            for q in unknown:
+                self._own[q] = is_own_statement((texts or {}).get(q))
+        return [r for r in rows
+                if not (r.userid == oid and r.queryid is not None and self._own.get(r.queryid))]
+
+    async def _read_texts(self, conn: AsyncConnection, exts: Mapping[str, tuple[str, str]],
+                          ids: list[int]) -> dict[int, str | None] | None:
+        """queryid -> text for `ids`. pg_stat_statements converts every text to the database's
+        encoding as it reads them, all or nothing: one it cannot convert (a 0xE9 byte run in a
+        SQL_ASCII database) fails the read, and then this is None (a savepoint keeps the
+        transaction usable)."""
+        apg = await driver(conn)
+        savepoint = apg.is_in_transaction()
+        if savepoint:
+            await apg.execute(SQL_MARK + "SAVEPOINT pgcache_texts")
+        try:
+            got = await self.rows(conn, _TEXTS, exts, ids)
+        except asyncpg.PostgresError as e:
+            if e.sqlstate not in _CONVERSION_SQLSTATES:
+                raise
+            if savepoint:
+                await apg.execute(SQL_MARK + "ROLLBACK TO SAVEPOINT pgcache_texts")
+            return None
+        if savepoint:
+            await apg.execute(SQL_MARK + "RELEASE SAVEPOINT pgcache_texts")
+        assert got is not None
+        return {qid: query for qid, query in got[1]}
+
+    async def _fetch_texts(self, conn: AsyncConnection, exts: Mapping[str, tuple[str, str]],
+                           new: list[int]) -> None:
+        """Texts of the newly exported statements; when they cannot be read (see _read_texts),
+        these statements get a placeholder, counted, and the run goes on."""
+        texts = await self._read_texts(conn, exts, new)
+        if texts is None:
+            for qid in new:
+                self._texts[qid] = UNCONVERTIBLE_TEXT
+            self._unconvertible += len(new)
+            return
+        for qid in new:
+            self._texts[qid] = query_text_label(texts.get(qid), self.text_length)

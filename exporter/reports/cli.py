@@ -107,10 +107,13 @@ def _run(args: argparse.Namespace, body: Body) -> int:
         return EXIT_INPUT
 
     async def main() -> str:
-        target = PostgresTarget(target_cfg)
+        target = PostgresTarget(target_cfg, log_privileges=False)
         try:
             return await body(target, config, args)
         finally:
+            warning = target.privileges.warning(target.name) if target.privileges else None
+            if warning is not None:  # the figures below are incomplete: say so, on stderr
+                print(f"pgcache-exporter: warning: {warning}", file=sys.stderr)
             await target.dispose()
 
     try:
@@ -132,7 +135,8 @@ def _run(args: argparse.Namespace, body: Body) -> int:
 
 async def _slow_queries(target: PostgresTarget, config: Config, args: argparse.Namespace) -> str:
     rows = await slow_queries(target, database=args.database, limit=args.limit,
-                              statement_timeout=_timeout(args, config.collectors.statements.timeout))
+                              statement_timeout=_timeout(args, config.collectors.statements.timeout),
+                              include_own=config.collectors.statements.include_own_statements)
     return to_json(rows) if args.format == "json" else slow_queries_table(rows)
 
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import QueryError
-from ..postgres.engine import PostgresTarget, describe_error
+from ..postgres.engine import PostgresTarget, describe_error, is_own_statement
 from ..postgres.statements import (
     EXTENSION_SQL,
     HOW_TO_ENABLE,
@@ -53,9 +54,11 @@ class SlowQuery:
 
 
 async def slow_queries(
-    target: PostgresTarget, *, database: str | None, limit: int, statement_timeout: float
+    target: PostgresTarget, *, database: str | None, limit: int, statement_timeout: float,
+    include_own: bool = False,
 ) -> list[SlowQuery]:
-    """The top `limit` statements by total execution time (all databases, or `database`'s)."""
+    """The top `limit` statements by total execution time (all databases, or `database`'s); the
+    exporter's own (its role's) left out unless `include_own`."""
     db = target.default_database
     async with target.session(statement_timeout=statement_timeout) as conn:
         ext = (await conn.execute(text(EXTENSION_SQL))).mappings().first()
@@ -77,6 +80,8 @@ async def slow_queries(
         rows = [StatementRow.from_mapping(m) for m in result.mappings()]
         if database is not None:
             rows = [r for r in rows if r.datname == database]
+        if not include_own and target.privileges is not None:
+            rows = await _without_own(conn, schema, rows, target.privileges.role_oid)
         chosen = select_statements(rows, (), limit if limit > 0 else len(rows))
         ids = sorted({r.queryid for r in chosen if r.queryid is not None})
         texts: dict[int, str] = {}
@@ -87,6 +92,18 @@ async def slow_queries(
             texts = {qid: scrub_secrets(query) for qid, query in found if query is not None}
     return [SlowQuery.from_row(r, texts.get(r.queryid) if r.queryid is not None else None)
             for r in chosen]
+
+
+async def _without_own(conn: AsyncConnection, schema: str, rows: list[StatementRow],
+                       role_oid: int) -> list[StatementRow]:
+    """Leave out the exporter's own statements: its role's whose text starts with SQL_MARK (or
+    is one its drivers send)."""
+    ids = sorted({r.queryid for r in rows if r.userid == role_oid and r.queryid is not None})
+    if not ids:
+        return rows
+    found = await conn.execute(text(statement_texts_sql(schema)), {"ids": ids})
+    own = {qid for qid, query in found if is_own_statement(query)}
+    return [r for r in rows if not (r.userid == role_oid and r.queryid in own)]
 
 
 def slow_queries_table(rows: list[SlowQuery], width: int | None = None) -> str:

@@ -258,7 +258,9 @@ async def test_dashboards_and_alerts_against_a_real_prometheus(
                         if "pgcache_statement_info" not in q.expr:
                             continue
                         rows = await prom.query(promql.fill(q.expr, dashboard_variables(board["uid"])))
-                        assert len(rows) >= 3, (q.where, rows)
+                        # At least the slow one: the exporter's own statements, which used to fill
+                        # these tables, are left out now (issue 16).
+                        assert len(rows) >= 1, (q.where, rows)
                         if "pgcache_statement_exec_seconds_total" in q.expr:  # total and mean time: it leads
                             assert slow_id in {r["metric"]["queryid"] for r in rows}, (q.where, rows)
 

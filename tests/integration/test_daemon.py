@@ -96,12 +96,13 @@ async def test_ready_waits_for_first_round_and_hung_server_times_out(pg: Postgre
             assert (await fetch(d, "/healthz"))[0] == 200
             started = time.monotonic()
             await wait_for(lambda: d.snapshot.ready, timeout=10, what="ready")
-            # The stuck target's run ended at the job timeout (2 s), not the connect timeout.
+            # The stuck target's run ended within the job timeout (2 s), not at the connect
+            # timeout (3 s): connecting is bounded by the collector's timeout too.
             assert time.monotonic() - started < 3.5
             status, _ = await fetch(d, "/ready")
             assert status == 200
             st = d.snapshot.status[("stuck", "activity")]
-            assert st.success is False and "timed out after 2s" in (st.last_error or "")
+            assert st.success is False and "no answer in time" in (st.last_error or "")
             # /metrics never waits for the stuck target.
             t0 = time.monotonic()
             status, text = await fetch(d)

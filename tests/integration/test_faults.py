@@ -117,6 +117,7 @@ async def test_max_connections_exhausted(pg_private: PostgresCluster) -> None:
                 await h.close()
             hogs = []
             await wait_for(lambda: d.snapshot.up.get("main") is True, what="recovery once slots are free")
+            await wait_for(lambda: d.snapshot.status[("main", "activity")].success, what="activity again")
             _, body = await fetch(d)
             # The exporter's own connection is excluded, so the three closed sessions left nothing.
             assert value(body, "pgcache_connections_max", target="main") == 3

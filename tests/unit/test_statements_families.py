@@ -41,19 +41,29 @@ def test_top_n_by_exec_time_and_dropped() -> None:
     assert [r.queryid for r in chosen] == [10, 9, 8]
 
 
-def test_selection_keeps_exported_statements_within_the_margin() -> None:
-    limit = 4  # keep while rank <= 6
+def test_new_heaviest_statements_are_exported_at_once() -> None:
+    limit = 4
     first = select_statements([row(i, float(100 - i)) for i in range(1, 11)], set(), limit)
     assert [r.queryid for r in first] == [1, 2, 3, 4]
-    exported = {r.key for r in first}
-    # Two newcomers overtake: 3 and 4 fall to ranks 5 and 6, still within 1.5 x limit: kept.
+    # Two newcomers overtake clearly: they are in the true top 4, so they are exported now (the
+    # old rule kept 3 and 4 while they ranked within 1.5 x limit and left the newcomers out).
     rows = [row(i, float(100 - i)) for i in range(1, 11)] + [row(50, 1000.0), row(51, 999.0)]
-    second = select_statements(rows, exported, limit)
-    assert {r.queryid for r in second} == {1, 2, 3, 4}
-    # A third newcomer pushes 4 to rank 7: it gives way to the best newcomer.
-    rows.append(row(52, 998.0))
-    third = select_statements(rows, {r.key for r in second}, limit)
-    assert {r.queryid for r in third} == {1, 2, 3, 50}
+    second = select_statements(rows, {r.key for r in first}, limit)
+    assert {r.queryid for r in second} == {50, 51, 1, 2}
+
+
+def test_hysteresis_decides_only_the_borderline() -> None:
+    limit = 3
+    # 4 was exported; 5 now ranks 3rd by a hair (within BORDER of the cutoff): 4 keeps its place.
+    rows = [row(1, 100.0), row(2, 90.0), row(5, 50.5), row(4, 50.0), row(6, 10.0)]
+    held = select_statements(rows, {(1, 10, 1), (1, 10, 2), (1, 10, 4)}, limit)
+    assert {r.queryid for r in held} == {1, 2, 4}
+    # Without a previous selection the true top wins the tie.
+    assert {r.queryid for r in select_statements(rows, set(), limit)} == {1, 2, 5}
+    # Clearly ahead (more than BORDER): 5 replaces 4 at once.
+    rows[2] = row(5, 60.0)
+    assert {r.queryid for r in select_statements(rows, {(1, 10, 1), (1, 10, 2), (1, 10, 4)}, limit)} \
+        == {1, 2, 5}
 
 
 def test_null_queryid_never_collides() -> None:
