@@ -19,7 +19,7 @@ from ..collector import CollectResult
 from ..config import CollectorSettings
 from ..definitions import Definition, MetricColumn, Query
 from ..errors import QueryError
-from ..families import Family, format_value, label_block
+from ..families import Family, label_block
 from .collector import PostgresCollector
 from .engine import SQL_MARK, PostgresTarget
 
@@ -143,18 +143,13 @@ def render_rows(
 
     kept: Sequence[Any] = rows
     dropped = 0
-
-    def series(cut: Sequence[Any]) -> int:
-        return sum(1 for r in cut for m in plain
-                   if r[index[m.column]] is not None or m.null_as is not None)
-
     if query.keep is not None:
         ki = index[query.keep]
         kept = [r for r in rows if r[ki] is True]
-        dropped += series([r for r in rows if r[ki] is not True])
+        dropped += _series(plain, index, [r for r in rows if r[ki] is not True])
     if query.limit is not None and limit is not None and len(kept) > limit:
         kept, cut = _ranked(kept, index[query.limit.by], label_idx, limit)
-        dropped += series(cut)
+        dropped += _series(plain, index, cut)
 
     specs = [(fams[m.name], index[m.column], m.scale, m.null_as, [index[x] for x in m.labels], m)
              for m in plain]
@@ -184,19 +179,21 @@ def count_series(
     query: Query, columns: Sequence[str], rows: Sequence[Any], server_version_num: int
 ) -> int:
     """How many series these rows would have given (what a cut of them drops)."""
-    index = {c: i for i, c in enumerate(columns)}
-    cols = [(index[m.column], m.null_as) for m in query.metrics
-            if m.aggregate is None and (m.min_version is None or server_version_num >= m.min_version)]
-    return sum(1 for r in rows for ci, na in cols if r[ci] is not None or na is not None)
+    metrics = [m for m in query.metrics
+               if m.aggregate is None and (m.min_version is None or server_version_num >= m.min_version)]
+    return _series(metrics, {c: i for i, c in enumerate(columns)}, rows)
+
+
+def _series(metrics: Sequence[MetricColumn], index: Mapping[str, int], rows: Sequence[Any]) -> int:
+    """Series the rows give for these metric columns: one per value not NULL (or NULL with null_as)."""
+    return sum(1 for r in rows for m in metrics if r[index[m.column]] is not None or m.null_as is not None)
 
 
 def _number(v: object, where: str, column: str) -> float:
     if isinstance(v, bool):
         return 1.0 if v else 0.0
     try:
-        out = float(v)  # type: ignore[arg-type]
-        format_value(out)
-        return out
+        return float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise QueryError(
             f"{where}: column {column!r} is mapped to a metric but holds {type(v).__name__} "
