@@ -104,7 +104,7 @@ _BEGIN = re.compile(r"<!-- metrics: (?P<name>[a-z0-9_]+) -->\n")
 _END = "<!-- /metrics -->"
 
 
-def _table(specs: Iterable[FamilySpec], fixed: tuple[str, ...] = ("target",)) -> str:
+def _table(specs: Iterable[FamilySpec]) -> str:
     rows = ["| family | type | labels | meaning |", "|---|---|---|---|"]
     for f in specs:
         labels = ", ".join(f.labels)
