@@ -118,6 +118,9 @@ def describe_error(exc: BaseException) -> str:
     inner = getattr(orig, "__cause__", None) or orig or exc
     if isinstance(inner, TimeoutError):
         return "TimeoutError: no answer in time"
+    if isinstance(inner, _BROKEN):
+        # asyncpg's wording ("cannot switch to state N") describes its protocol, not the cause.
+        return "the server ended the session in the middle of an operation"
     msg = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     sqlstate = getattr(inner, "sqlstate", None)
     name = type(inner).__name__

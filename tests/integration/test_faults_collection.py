@@ -169,7 +169,13 @@ async def test_terminated_backends_do_not_flip_up(
     finally:
         await killer.close()
     text = caplog.text
-    assert "cannot switch to state" not in text
+    # A backend terminated between two statements can reach asyncpg as "cannot switch to state":
+    # that is a lost connection, retried once and logged at debug. What the operator reads (info
+    # and up) never shows it, and no future or task is left with an unretrieved exception.
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in shown if "cannot switch to state" in m], shown
+    assert all("retrying once" in r.getMessage() for r in caplog.records
+               if "cannot switch to state" in r.getMessage())
     assert "Future exception was never retrieved" not in text
     assert "Task exception was never retrieved" not in text
 
