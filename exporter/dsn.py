@@ -13,7 +13,7 @@ import hashlib
 import ipaddress
 import os
 import re
-from urllib.parse import parse_qs, parse_qsl, unquote, urlparse, urlsplit
+from urllib.parse import ParseResult, parse_qs, parse_qsl, unquote, urlparse, urlsplit
 
 __all__ = ["dsn_problems", "redis_url_problems", "target_name"]
 
@@ -93,15 +93,22 @@ def _hostspec_problems(hostspec: str) -> list[str]:
     return problems
 
 
-def dsn_problems(dsn: str) -> list[str]:
-    if not isinstance(dsn, str) or "://" not in dsn:
-        return ["not a PostgreSQL URL (expected postgresql://user:password@host:port/dbname)"]
+def _parsed(url: str, kind: str, expected: str) -> ParseResult | str:
+    """The URL parsed, or why it cannot be (never echoing any part of it)."""
+    if not isinstance(url, str) or "://" not in url:
+        return f"not a {kind} URL (expected {expected})"
     try:
-        u = urlparse(dsn)
+        return urlparse(url)
     except ValueError:  # urllib checks [IPv6] hosts itself
-        if "[" in dsn:
-            return [f"a host in [brackets] is not an IPv6 address; {_ENCODE_HINT}"]
-        return [f"not a PostgreSQL URL; {_ENCODE_HINT}"]
+        if "[" in url:
+            return f"a host in [brackets] is not an IPv6 address; {_ENCODE_HINT}"
+        return f"not a {kind} URL; {_ENCODE_HINT}"
+
+
+def dsn_problems(dsn: str) -> list[str]:
+    u = _parsed(dsn, "PostgreSQL", "postgresql://user:password@host:port/dbname")
+    if isinstance(u, str):
+        return [u]
     if u.scheme not in ("postgres", "postgresql"):
         return ["not a PostgreSQL URL: the scheme must be postgresql:// or postgres:// "
                 "(expected postgresql://user:password@host:port/dbname)"]
@@ -175,14 +182,9 @@ _BOOLS = {"0", "1", "true", "false", "yes", "no", "t", "f", "y", "n", "on", "off
 
 
 def redis_url_problems(url: str) -> list[str]:
-    if not isinstance(url, str) or "://" not in url:
-        return ["not a Redis URL (expected redis://[:password@]host:port/db)"]
-    try:
-        u = urlparse(url)
-    except ValueError:  # urllib checks [IPv6] hosts itself
-        if "[" in url:
-            return [f"a host in [brackets] is not an IPv6 address; {_ENCODE_HINT}"]
-        return [f"not a Redis URL; {_ENCODE_HINT}"]
+    u = _parsed(url, "Redis", "redis://[:password@]host:port/db")
+    if isinstance(u, str):
+        return [u]
     if u.scheme not in ("redis", "rediss", "unix"):
         return ["not a Redis URL: the scheme must be redis://, rediss:// or unix:// "
                 "(expected redis://[:password@]host:port/db)"]
